@@ -1,0 +1,157 @@
+"""Attention between two sets of global tokens described by segments, and the stable LSE merge.
+
+Every strategy reduces to this: queries holding segments ``q_segs`` attend to keys holding
+``k_segs`` (see layout.py). Each (query segment, key segment) pair is, for a causal model,
+either entirely visible (keys before queries), the causal diagonal (same segment), or
+invisible (keys after): so fast kernels run with plain ``is_causal`` flags and no O(s²)
+mask. Document ids (packing, or padding under a non-causal mask) add a bool mask only
+for pairs that actually mix documents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import KERNELS, Kernel
+from .layout import Segments, ShardPlan, pad_to
+
+
+@dataclass(frozen=True)
+class SeqMeta:
+    """Per-sequence facts every rank shares for one forward.
+
+    plan     : where each global token lives (layout.ShardPlan)
+    causal   : causal attention (False: bidirectional)
+    doc_ids  : [b, total_len] document id per token, padding = −1, or None for "one
+               document, padding trails" (causal attention then never sees padding)
+    """
+
+    plan: ShardPlan
+    causal: bool
+    doc_ids: torch.Tensor | None
+
+    @classmethod
+    def build(cls, plan: ShardPlan, seq_len: int, causal: bool, doc_ids: torch.Tensor | None = None) -> "SeqMeta":
+        """Meta for `seq_len` real tokens; padding becomes its own document where a mask needs it.
+
+        `doc_ids` ([b, seq_len] ints ≥ 0) marks packed documents.
+        """
+        if doc_ids is None and not causal and plan.total_len > seq_len:
+            doc_ids = torch.zeros(1, seq_len, dtype=torch.long)
+        if doc_ids is not None:
+            if doc_ids.shape[-1] != seq_len:
+                raise ValueError(f"doc_ids cover {doc_ids.shape[-1]} tokens, sequence has {seq_len}")
+            doc_ids = pad_to(doc_ids.long(), plan.total_len, dim=1, value=-1)
+        return cls(plan, causal, doc_ids)
+
+
+def pair_mask(meta: SeqMeta, qs: tuple[int, int], ks: tuple[int, int], device=None):
+    """How query segment `qs` sees key segment `ks`.
+
+    Returns (visible, causal, mask): visible False → skip the pair; causal → diagonal
+    block; mask → bool [b, sq, sk] of same-document pairs, or None when not needed.
+    """
+    if qs != ks and max(qs[0], ks[0]) < min(qs[1], ks[1]):
+        raise ValueError(f"segments {qs} and {ks} partially overlap; layouts never produce that")
+    diagonal = qs == ks
+    if meta.causal and not diagonal and ks[0] >= qs[1]:
+        return False, False, None  # keys entirely after queries
+    causal = meta.causal and diagonal
+    if meta.doc_ids is None:
+        return True, causal, None
+    dq, dk = meta.doc_ids[:, qs[0] : qs[1]], meta.doc_ids[:, ks[0] : ks[1]]
+    if dq.min() == dq.max() == dk.min() == dk.max():
+        return True, causal, None  # one document on both sides
+    mask = dq[:, :, None] == dk[:, None, :]
+    if causal:
+        mask = mask & torch.ones(mask.shape[1:], dtype=torch.bool, device=mask.device).tril()
+    if not mask.any():
+        return False, False, None
+    return True, causal, mask.to(device) if device is not None else mask
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor):
+    """Combine two partial attentions over disjoint key sets (stable log-sum-exp form).
+
+    lse = logaddexp(lse, blk_lse); out = Σ out_i · exp(lse_i − lse). Rows where both are
+    −inf stay (0, −inf). No exp of a raw score is ever taken, so large logits cannot
+    overflow (FAULTS.md F9).
+    """
+    new = torch.logaddexp(lse, blk_lse)
+    finite = torch.isfinite(new)
+    safe = torch.where(finite, new, torch.zeros_like(new))
+    w_old = torch.where(finite, torch.exp(lse - safe), torch.zeros_like(new))
+    w_blk = torch.where(finite, torch.exp(blk_lse - safe), torch.zeros_like(new))
+    return out * w_old[..., None] + blk_out.to(out.dtype) * w_blk[..., None], new
+
+
+def _offsets(segs: Segments) -> list[tuple[tuple[int, int], slice]]:
+    res, pos = [], 0
+    for s, e in segs:
+        res.append(((s, e), slice(pos, pos + e - s)))
+        pos += e - s
+    return res
+
+
+def _kernel_for(kernel: Kernel, mask) -> Kernel:
+    return kernel if mask is None or kernel.supports_mask else KERNELS["reference"]
+
+
+def block_forward(q, k, v, q_segs: Segments, k_segs: Segments, meta: SeqMeta, kernel: Kernel, scale: float):
+    """(out [b,H,sq,d] float32/64, lse [b,H,sq]) of queries `q_segs` over keys `k_segs`."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, h, sq, d = q.shape
+    out = q.new_zeros((b, h, sq, d), dtype=acc)
+    lse = q.new_full((b, h, sq), float("-inf"), dtype=acc)
+    for qs, qi in _offsets(q_segs):
+        for ks, ki in _offsets(k_segs):
+            visible, causal, mask = pair_mask(meta, qs, ks, q.device)
+            if not visible:
+                continue
+            o, l = _kernel_for(kernel, mask).forward(
+                q[:, :, qi], k[:, :, ki], v[:, :, ki], causal=causal, mask=mask, scale=scale
+            )
+            out[:, :, qi], lse[:, :, qi] = merge(out[:, :, qi], lse[:, :, qi], o, l.to(acc))
+    return out, lse
+
+
+def block_backward(dout, q, k, v, out, lse, q_segs: Segments, k_segs: Segments, meta: SeqMeta, kernel: Kernel, scale: float):
+    """(dq, dk, dv) of this block given the *final* out and lse of the queries."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for qs, qi in _offsets(q_segs):
+        for ks, ki in _offsets(k_segs):
+            visible, causal, mask = pair_mask(meta, qs, ks, q.device)
+            if not visible:
+                continue
+            gq, gk, gv = _kernel_for(kernel, mask).backward(
+                dout[:, :, qi].contiguous(), q[:, :, qi].contiguous(), k[:, :, ki].contiguous(),
+                v[:, :, ki].contiguous(), out[:, :, qi].contiguous(), lse[:, :, qi].contiguous(),
+                causal=causal, mask=mask, scale=scale,
+            )
+            dq[:, :, qi] += gq
+            dk[:, :, ki] += gk
+            dv[:, :, ki] += gv
+    return dq, dk, dv
+
+
+class LocalAttention(torch.autograd.Function):
+    """Autograd wrapper of block_forward/backward for keys that are all present locally."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_segs, k_segs, meta, kernel, scale):
+        out, lse = block_forward(q, k, v, q_segs, k_segs, meta, kernel, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (q_segs, k_segs, meta, kernel, scale)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
