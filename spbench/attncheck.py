@@ -134,8 +134,8 @@ class AttnResult:
     kernel: str = ""
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
-                "tolerance": self.tolerance, "kernel": self.kernel, **asdict(self.case)}
+        return {**asdict(self.case), "passed": self.passed, "max_abs_err": self.max_abs_err,
+                "max_rel_err": self.max_rel_err, "tolerance": self.tolerance, "kernel": self.kernel}
 
 
 def compare(case: AttnCase, per_rank: list[dict[str, torch.Tensor] | None]) -> AttnResult:
