@@ -28,3 +28,36 @@ def count_attention_bytes(info, method: str, sp: int, heads: int, kv: int, seq: 
     fwd = counter.total()
     out.sum().backward()
     return fwd, counter.total() - fwd, s
+
+
+def hf_logits_and_grads(info, model_name: str, method: str, sp: int, seq: int, dtype: str = "float64"):
+    """Tiny model with SP attention: local logits, and parameter grads of Σ logits·W summed over SP."""
+    from runtime.hf import SPBatch, register_sp_attention
+    from runtime.layout import pad_to
+    from runtime.models import build_model, model_config
+    from spbench.attncheck import DTYPES
+
+    cfg = model_config(model_name)
+    u = resolve_ulysses(method, sp, cfg.num_attention_heads, cfg.num_key_value_heads)
+    pc = build_parallel_context(sp, u)
+    model = build_model(model_name, DTYPES[dtype], register_sp_attention(), seed=0)
+    ids, weights = hf_inputs(cfg.vocab_size, seq)
+    plan = shard_plan(method, seq, sp, u)
+    meta = SeqMeta.build(plan, seq, causal=True)
+    ids_local = plan.shard(pad_to(ids, plan.total_len, 1, 0), pc.sp_rank)
+    pos_local = plan.shard(torch.arange(plan.total_len)[None], pc.sp_rank)
+    w_local = plan.shard(pad_to(weights, plan.total_len, 1, 0.0), pc.sp_rank).to(DTYPES[dtype])
+    attn = SPAttention(method, pc, select_kernel("auto", torch.device("cpu"), DTYPES[dtype]))
+    logits = model(input_ids=ids_local, position_ids=pos_local, sp_batch=SPBatch(attn, meta)).logits
+    (logits * w_local).sum().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        torch.distributed.all_reduce(g, group=pc.sp_group)  # shards hold partial grads of the same params
+        grads[name] = g
+    return logits.detach(), grads if pc.sp_rank == 0 else None
+
+
+def hf_inputs(vocab: int, seq: int):
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, vocab, (2, seq), generator=g), torch.randn(2, seq, vocab, generator=g, dtype=torch.float64)

@@ -1,0 +1,34 @@
+"""nox sessions: `nox -l` lists them; extra arguments after `--` go to the underlying command."""
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+# The local CPU build: a plain `torch` requirement would pull a multi-GB CUDA build on CPU machines.
+CPU_TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    """torch first (CPU build unless this machine has an NVIDIA driver), then this project."""
+    session.install(CPU_TORCH if shutil.which("nvidia-smi") is None else "torch")
+    session.install("-e", f".[{','.join(extras)}]" if extras else ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (CPU, gloo ranks). Example: nox -s tests -- -k ring -x"""
+    install(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Check every SP attention strategy on 4 CPU ranks against the float64 oracle (until the parity suite lands)."""
+    install(session)
+    for method in ("ulysses", "ring", "zigzag", "hybrid", "allgather"):
+        session.run("spbench", "check-attention", "--method", method, "--sp", "4", "--heads", "12", "--kv-heads", "2",
+                    "--seq", "999", *session.posargs)

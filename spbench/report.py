@@ -1,0 +1,174 @@
+"""`spbench report`: report.md with tables and PNG plots from parity and max-length results files.
+
+Parity files (spbench.results/1) give one table per suite, its failures, a loss-curve overlay per
+(stage, method) with SP off vs every SP size, and a relative-loss-error-per-step plot. Max-length
+files (spbench.maxlen/1) give a model × stage × SP → max length table. Each file's provenance follows.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import UsageError
+from .results import MAXLEN_SCHEMA, SCHEMA, load_results, rel_errors, write_bytes_atomic, write_text_atomic
+
+EPILOG = """examples:
+  spbench report reports/ci.json --out reports/ci
+  spbench report reports/ci.json reports/nightly.json reports/maxlen.json --out reports/all
+"""
+ERR_FLOOR = 1e-18  # log-scale error plot: an exact match (error 0) is drawn at this floor
+
+
+def register(subs) -> None:
+    p = subs.add_parser("report", help="render results files as Markdown tables and PNG plots",
+                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", metavar="RESULTS.json",
+                   help="parity (spbench.results/1) or max-length (spbench.maxlen/1) results files")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the PNGs (created)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    path = render(args.results, args.out)
+    print(f"report: wrote {path}")
+    return 0
+
+
+def render(paths, out_dir) -> Path:
+    """Write report.md and its PNGs into `out_dir`, one section per results file; returns report.md's path."""
+    if not paths:
+        raise UsageError("no results files given; pass at least one RESULTS.json")
+    docs = [(Path(p), load_results(p, (SCHEMA, MAXLEN_SCHEMA))) for p in paths]  # all valid before writing
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# spbench report", ""]
+    for i, (path, doc) in enumerate(docs, 1):
+        if doc["schema"] == SCHEMA:
+            lines += _parity_section(doc, path, out, prefix=f"{i}-{_slug(path.stem)}")
+        else:
+            lines += _maxlen_section(doc, path)
+        lines += _provenance(doc.get("provenance") or {})
+    report = out / "report.md"
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    return report
+
+
+def _parity_section(doc: dict, path: Path, out: Path, prefix: str) -> list[str]:
+    cases = doc["cases"]
+    lines = [f"## Suite `{doc.get('suite', '?')}` ({path.name}): {'PASSED' if doc.get('passed') else 'FAILED'}", "",
+             "| case | stage | method | SP | DP×GA | dtype | max loss err | max grad err | verdict | tolerance |",
+             "|---|---|---|---:|---|---|---:|---:|---|---|"]
+    lines += [_case_row(c) for c in cases]
+    failures = [(c["name"], f) for c in cases for f in c.get("failures") or []]
+    if failures:
+        lines += ["", "### Failures", ""] + [f"- `{name}`: {_cell(f)}" for name, f in failures]
+    pngs = _plots(cases, out, prefix)
+    if pngs:
+        lines += ["", "### Plots", ""] + [f"![{png}]({png})\n" for png in pngs]
+    return lines
+
+
+def _case_row(c: dict) -> str:
+    m = c.get("metrics") or {}
+    grad = [m[k] for k in ("max_grad_norm_rel_err", "max_param_grad_rel_err") if m.get(k) is not None]
+    stage = str(c.get("stage", "?")) + (f" ({c['pref_loss']})" if c.get("pref_loss") else "")
+    verdict = f"ERROR: {c['error']}" if c.get("error") else "PASS" if c["passed"] else "FAIL"
+    tol = ", ".join(f"{k} {v:.0e}" for k, v in (c.get("tolerance") or {}).items())
+    cells = [c["name"], stage, c.get("method", "?"), c.get("sp", "?"), f"{c.get('dp', '?')}×{c.get('ga', '?')}",
+             c.get("dtype", "?"), _num(m.get("max_loss_rel_err")), _num(max(grad) if grad else None), verdict, tol]
+    return "| " + " | ".join(_cell(x) for x in cells) + " |"
+
+
+def _plots(cases: list[dict], out: Path, prefix: str) -> list[str]:
+    """Loss overlays per (stage, method) and one error-per-step plot; returns the PNG file names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot global state
+
+    groups = defaultdict(list)  # (stage, method) → cases with a curve
+    for c in cases:
+        if c.get("sp_losses"):
+            groups[(str(c.get("stage", "?")), str(c.get("method", "?")))].append(c)
+    names = []
+    for (stage, method), group in groups.items():
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.add_subplot()
+        refs = {}  # distinct reference curve → first case that has it
+        for c in group:
+            refs.setdefault(tuple(c.get("ref_losses") or ()), c["name"])
+        refs.pop((), None)
+        for ref, name in refs.items():
+            label = "SP off (reference)" if len(refs) == 1 else f"SP off, reference of {name}"
+            ax.plot(range(len(ref)), ref, color="0.55", lw=6, alpha=0.5, label=label)
+        for c in sorted(group, key=lambda c: c.get("sp") or 0):
+            ax.plot(range(len(c["sp_losses"])), c["sp_losses"], marker="o", ms=3, lw=1.2,
+                    label=f"SP={c.get('sp')}: {c['name']}")
+        ax.set(xlabel="optimizer step", ylabel="training loss", title=f"{stage} / {method}: loss, SP off vs SP on")
+        names.append(_save(fig, ax, out, f"{prefix}-loss-{_slug(stage)}-{_slug(method)}.png"))
+    comparable = [c for c in cases if c.get("sp_losses") and len(c["sp_losses"]) == len(c.get("ref_losses") or ())]
+    if comparable:
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.add_subplot()
+        for c in comparable:
+            errs = [max(e, ERR_FLOOR) for e in rel_errors(c["sp_losses"], c["ref_losses"])]
+            ax.plot(range(len(errs)), errs, marker="o", ms=3, label=c["name"])
+        for tol in sorted({c["tolerance"]["loss"] for c in comparable if (c.get("tolerance") or {}).get("loss")}):
+            ax.axhline(tol, color="red", ls=":", lw=1, label=f"loss tolerance {tol:.0e}")
+        ax.set_yscale("log")
+        ax.set(xlabel="optimizer step", ylabel=f"relative loss error |SP − ref| / |ref|\n(0 drawn at {ERR_FLOOR:.0e})",
+               title="SP vs reference: relative loss error per step")
+        names.append(_save(fig, ax, out, f"{prefix}-loss-error.png"))
+    return names
+
+
+def _save(fig, ax, out: Path, name: str) -> str:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_bytes_atomic(out / name, buf.getvalue())
+    return name
+
+
+def _maxlen_section(doc: dict, path: Path) -> list[str]:
+    def order(r: dict) -> tuple:
+        return (str(r.get("model")), str(r.get("stage")), r.get("gpus") or 0, r.get("sp") or 0, r.get("zero") or 0,
+                bool(r.get("offload")))
+
+    lines = [f"## Max trainable length ({path.name})", "",
+             "| model | stage | GPUs | GPU mem GiB | SP | ZeRO | offload | max length | peak GiB | source |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for r in sorted(doc["rows"], key=order):
+        max_len = f"{r['max_len']:,}" if isinstance(r.get("max_len"), int) else "—"
+        peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "—"
+        cells = [r.get("model", "?"), r.get("stage", "?"), r.get("gpus", "?"), r.get("gpu_mem_gib", "?"),
+                 r.get("sp", "?"), r.get("zero", "?"), "yes" if r.get("offload") else "no", max_len, peak,
+                 r.get("source", "?")]
+        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
+    return lines
+
+
+def _provenance(prov: dict) -> list[str]:
+    if not prov:
+        return ["", "_No provenance recorded._", ""]
+    return ["", "### Provenance", "", "| field | value |", "|---|---|",
+            *(f"| {k} | {_cell(v)} |" for k, v in prov.items()), ""]
+
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.2e}"
+
+
+def _cell(x) -> str:
+    """A value as one Markdown table cell: no newlines, pipes escaped."""
+    return " ".join(str(x).split()).replace("|", "\\|")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s).strip("-") or "x"
