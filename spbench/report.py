@@ -118,8 +118,8 @@ def _plots(cases: list[dict], out: Path, prefix: str) -> list[str]:
         for tol in sorted({c["tolerance"]["loss"] for c in comparable if (c.get("tolerance") or {}).get("loss")}):
             ax.axhline(tol, color="red", ls=":", lw=1, label=f"loss tolerance {tol:.0e}")
         ax.set_yscale("log")
-        ax.set(xlabel="optimizer step", ylabel=f"relative loss error |SP − ref| / |ref|\n(0 drawn at {ERR_FLOOR:.0e})",
-               title="SP vs reference: relative loss error per step")
+        ax.set(xlabel="optimizer step", title="SP vs reference: relative loss error per step",
+               ylabel=f"relative loss error |SP − ref| / |ref|\n(0 drawn at {ERR_FLOOR:.0e})")
         names.append(_save(fig, ax, out, f"{prefix}-loss-error.png"))
     return names
 

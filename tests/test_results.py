@@ -41,6 +41,20 @@ def test_write_json_atomic_failure_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_write_interrupted_before_rename_removes_temp(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    path.write_text("old\n")
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        results.write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
 def test_append_jsonl_appends_whole_lines_only(tmp_path):
     path = tmp_path / "log.jsonl"
     append_jsonl(path, {"step": 0, "loss": 2.5})

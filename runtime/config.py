@@ -1,0 +1,122 @@
+"""Training configuration: one dataclass, LLaMA-Factory key names where they exist, YAML in and out."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .attention import METHODS
+from .kernels import KERNELS
+from .losses import PREF_LOSSES
+
+DTYPES = ("float64", "float32", "bfloat16")
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """One SFT or DPO run. Every field has a default; YAML keys are these field names."""
+
+    model_name_or_path: str = field(default="tiny", metadata={"doc": "preset name (see `spbench models`) or a local HF checkpoint directory"})
+    stage: str = field(default="sft", metadata={"doc": "sft | dpo"})
+    pref_loss: str = field(default="sigmoid", metadata={"doc": "dpo loss: sigmoid | ipo | simpo | hinge"})
+    pref_beta: float = field(default=0.1, metadata={"doc": "dpo β (inverse temperature)"})
+    simpo_gamma: float = field(default=0.5, metadata={"doc": "simpo target reward margin γ"})
+    dataset: str = field(default="synthetic", metadata={"doc": "synthetic | path to a .jsonl (sft: alpaca or sharegpt; dpo: prompt/chosen/rejected)"})
+    max_samples: int | None = field(default=None, metadata={"doc": "use at most this many records (synthetic: how many to make, default 64)"})
+    cutoff_len: int = field(default=4096, metadata={"doc": "tokens per sequence after truncation (packed rows hold up to this many)"})
+    packing: bool = field(default=False, metadata={"doc": "pack several samples per row; attention stays within each sample"})
+    sequence_parallel_size: int = field(default=1, metadata={"doc": "ranks that share one sequence (1 = SP off)"})
+    sequence_parallel_mode: str = field(default="zigzag", metadata={"doc": "ulysses | ring | zigzag | hybrid | allgather"})
+    ulysses_degree: int | str = field(default="auto", metadata={"doc": "hybrid only: Ulysses degree, or auto"})
+    attention_kernel: str = field(default="auto", metadata={"doc": "local attention kernel: auto | " + " | ".join(KERNELS)})
+    per_device_train_batch_size: int = field(default=1, metadata={"doc": "rows per micro-batch (dpo: pairs)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"doc": "micro-batches per optimizer step"})
+    max_steps: int | None = field(default=None, metadata={"doc": "optimizer steps; overrides num_train_epochs"})
+    num_train_epochs: float = field(default=1.0, metadata={"doc": "passes over the data when max_steps is not set"})
+    learning_rate: float = field(default=1e-5, metadata={"doc": "peak learning rate (AdamW)"})
+    lr_scheduler_type: str = field(default="constant", metadata={"doc": "constant | linear | cosine (after warmup)"})
+    warmup_steps: int = field(default=0, metadata={"doc": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"doc": "clip the reduced gradient to this norm (0 = no clipping)"})
+    dtype: str = field(default="bfloat16", metadata={"doc": "float64 | float32 | bfloat16 (parameters and compute)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"doc": "recompute each decoder layer in backward"})
+    tiled_loss_chunk: int | None = field(default=8192, metadata={"doc": "tokens per logits chunk (null = full logits)"})
+    deepspeed: str | None = field(default=None, metadata={"doc": "path to a DeepSpeed JSON config (ZeRO-2/3, offload) or null"})
+    seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
+    output_dir: str = field(default="out/run", metadata={"doc": "metrics.jsonl, config.json, provenance.json go here"})
+    device: str = field(default="auto", metadata={"doc": "auto (cuda when available) | cpu | cuda"})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.stage in ("sft", "dpo"), f"stage {self.stage!r} is unknown; use sft or dpo")
+        need(self.pref_loss in PREF_LOSSES, f"pref_loss {self.pref_loss!r} is unknown; use one of {', '.join(PREF_LOSSES)}")
+        need(self.pref_beta > 0, f"pref_beta must be > 0, got {self.pref_beta}")
+        need(self.sequence_parallel_mode in METHODS,
+             f"sequence_parallel_mode {self.sequence_parallel_mode!r} is unknown; use one of {', '.join(METHODS)}")
+        need(self.sequence_parallel_size >= 1, f"sequence_parallel_size must be ≥ 1, got {self.sequence_parallel_size}")
+        need(self.ulysses_degree == "auto" or (isinstance(self.ulysses_degree, int) and self.ulysses_degree >= 1),
+             f"ulysses_degree must be 'auto' or a positive integer, got {self.ulysses_degree!r}")
+        need(self.attention_kernel in ("auto", *KERNELS), f"attention_kernel {self.attention_kernel!r} is unknown; use auto or one of {', '.join(KERNELS)}")
+        need(self.cutoff_len >= max(2, self.sequence_parallel_size),
+             f"cutoff_len({self.cutoff_len}) must be ≥ 2 and ≥ sequence_parallel_size({self.sequence_parallel_size})")
+        need(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be ≥ 1")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be ≥ 1")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1, got {self.max_steps}")
+        need(self.num_train_epochs > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        need(self.max_samples is None or self.max_samples >= 1, f"max_samples must be ≥ 1, got {self.max_samples}")
+        need(self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown; use one of {', '.join(SCHEDULERS)}")
+        need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        need(self.tiled_loss_chunk is None or self.tiled_loss_chunk >= 1, "tiled_loss_chunk must be ≥ 1 or null")
+        need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is unknown; use auto, cpu or cuda")
+        need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> dict[str, str]:
+    """Key → documentation, for help texts and the README."""
+    return {f.name: f.metadata["doc"] for f in dataclasses.fields(TrainConfig)}
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """TrainConfig from a mapping; an unknown key is one error naming the nearest known key."""
+    known = config_fields()
+    for key in values:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config file (plus overrides) into a validated TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(values).__name__}")
+    return from_dict({**values, **(overrides or {})}, source=str(path))

@@ -1,0 +1,240 @@
+"""Runtime memory features: tiled MLP, activation checkpointing, checkpoint offload to CPU.
+
+Each feature is switchable (`MemoryFeatures`) and exact: a step with it gives the same loss
+and gradients as without it (tests/test_memory.py checks this in float64). None of them
+patches transformers: the tiled MLP replaces `layer.mlp` modules *in the user's model
+instance* by a wrapper, checkpointing uses transformers' own switch, and checkpoint
+offload is a `saved_tensors_hooks` context the trainer wraps around the decoder forward.
+
+The fourth feature, tiled logits + log-softmax, lives in `runtime.losses.token_logprobs`
+(`chunk_tokens=`); `MemoryFeatures.tiled_loss_chunk` is the value to pass there.
+
+Typical use in a trainer (shapes for one rank's shard of `shard_tokens` tokens):
+
+    features = MemoryFeatures()                          # ours: tiled loss + MLP, checkpointing
+    prepare_model(model, features, shard_tokens, model.config.hidden_size)
+    with forward_context(features):                      # checkpoint offload, if on
+        hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state   # [b, s, h]
+    logp = token_logprobs(hidden, model.lm_head, targets, chunk_tokens=features.tiled_loss_chunk)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_LOSS_CHUNK = 1024
+"""Tokens per tiled-loss chunk: 1024 × 152k vocab × 4 B ≈ 0.6 GiB per fp32 logits copy (3 copies live)."""
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class MemoryFeatures:
+    """Which memory features a training step uses. The defaults are ours; `plain()` is transformers' usual setup."""
+
+    tiled_loss_chunk: int | None = DEFAULT_LOSS_CHUNK
+    """Tokens per chunk of the tiled logits + log-softmax (`runtime.losses.token_logprobs(chunk_tokens=)`);
+    None: full-vocabulary logits for the whole shard at once."""
+
+    tiled_mlp_chunks: int | str | None = AUTO
+    """Sequence chunks per MLP call: an int ≥ 1, or "auto" = `mlp_chunks_for(shard_tokens, hidden_size)`
+    (≈ hidden_size tokens per chunk); None: MLP untiled. It must be the same on every rank (FAULTS.md F11:
+    differing counts hang ZeRO-3), so it is derived from the *global* shard length, never from local data."""
+
+    checkpoint_offload: bool = False
+    """Keep the checkpointed hidden states (each decoder layer's input) in CPU memory (`checkpoint_offload()`).
+    Needs gradient_checkpointing."""
+
+    gradient_checkpointing: bool = True
+    """Per-decoder-layer activation checkpointing: one hidden state per layer and token stays saved; each
+    layer's activations are recomputed in backward."""
+
+    def __post_init__(self) -> None:
+        c = self.tiled_loss_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"tiled_loss_chunk must be None or an int >= 1, got {c!r}")
+        m = self.tiled_mlp_chunks
+        if m is not None and m != AUTO and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"tiled_mlp_chunks must be None, 'auto' or an int >= 1, got {m!r}")
+        if self.checkpoint_offload and not self.gradient_checkpointing:
+            raise ValueError("checkpoint_offload needs gradient_checkpointing (it offloads the checkpointed "
+                             "hidden states); turn gradient checkpointing on or checkpoint offload off")
+
+    @classmethod
+    def plain(cls) -> "MemoryFeatures":
+        """Plain transformers: no tiling, no offload, gradient checkpointing on (the measured baseline)."""
+        return cls(tiled_loss_chunk=None, tiled_mlp_chunks=None, checkpoint_offload=False, gradient_checkpointing=True)
+
+    def to_json(self) -> dict:
+        return {"tiled_loss_chunk": self.tiled_loss_chunk, "tiled_mlp_chunks": self.tiled_mlp_chunks,
+                "checkpoint_offload": self.checkpoint_offload, "gradient_checkpointing": self.gradient_checkpointing}
+
+
+# ----------------------------------------------------------------------------------------------- tiled MLP
+def mlp_chunks_for(shard_tokens: int, hidden_size: int) -> int:
+    """Chunk count so each MLP chunk has ≤ hidden_size tokens: ceil(shard_tokens / hidden_size), at least 1.
+
+    `shard_tokens` must be the *global* per-rank shard length (padded sequence length × rows / SP size),
+    which every rank knows identically, so every rank gets the same count (F11). E.g. (70000, 3584) → 20.
+    """
+    if shard_tokens < 0 or hidden_size < 1:
+        raise ValueError(f"need shard_tokens >= 0 and hidden_size >= 1, got {shard_tokens}, {hidden_size}")
+    return max(1, math.ceil(shard_tokens / hidden_size))
+
+
+def resolve_mlp_chunks(features: MemoryFeatures, shard_tokens: int, hidden_size: int) -> int | None:
+    """The concrete chunk count for `features` at this global shard length (None: MLP untiled)."""
+    if features.tiled_mlp_chunks is None:
+        return None
+    if features.tiled_mlp_chunks == AUTO:
+        return mlp_chunks_for(shard_tokens, hidden_size)
+    return int(features.tiled_mlp_chunks)
+
+
+class TiledMLP(nn.Module):
+    """Runs the wrapped MLP over `num_chunks` sequence chunks, each under activation checkpointing.
+
+    x [..., s, h] → tensor_split along s into exactly `num_chunks` pieces (sizes differ by ≤ 1, empty pieces
+    when s < num_chunks, so every rank makes the same number of MLP calls) → mlp(piece) → cat → [..., s, h].
+    With gradients on, each piece's [tokens × intermediate] activations exist only while that piece is
+    computed, in forward and again in backward (recompute). Without gradients (a reference forward) the
+    pieces just run one after another. The MLP is position-wise, so the result equals mlp(x) exactly.
+    """
+
+    def __init__(self, mlp: nn.Module, num_chunks: int) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.num_chunks = num_chunks
+
+    @property
+    def num_chunks(self) -> int:
+        return self._num_chunks
+
+    @num_chunks.setter
+    def num_chunks(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"TiledMLP num_chunks must be an int >= 1, got {n!r}")
+        self._num_chunks = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pieces = torch.tensor_split(x, self.num_chunks, dim=-2)  # num_chunks × [..., ~s/num_chunks, h]
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self.mlp, p, use_reentrant=False) for p in pieces]
+        else:
+            outs = [self.mlp(p) for p in pieces]
+        return torch.cat(outs, dim=-2)  # [..., s, h]
+
+    def extra_repr(self) -> str:
+        return f"num_chunks={self.num_chunks}"
+
+
+def _mlp_owners(model: nn.Module) -> list[nn.Module]:
+    """Modules with an `mlp` child module (the decoder layers of Qwen2/Llama-style models)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module) and not isinstance(m, TiledMLP)]
+
+
+def apply_tiled_mlp(model: nn.Module, num_chunks: int) -> int:
+    """Wrap every decoder layer's `mlp` in `TiledMLP(mlp, num_chunks)` (or update the count if wrapped).
+
+    Module replacement in this model instance only; transformers' classes are untouched. Returns how many
+    layers are tiled. `num_chunks` must come from the global shard length (`mlp_chunks_for`), not local data.
+    """
+    owners = _mlp_owners(model)
+    if not owners:
+        raise ValueError(f"{type(model).__name__} has no submodule with an `mlp` child; tiled MLP needs "
+                         "Qwen2/Llama-style decoder layers (layer.mlp)")
+    for owner in owners:
+        if isinstance(owner.mlp, TiledMLP):
+            owner.mlp.num_chunks = num_chunks
+        else:
+            owner.mlp = TiledMLP(owner.mlp, num_chunks)
+    return len(owners)
+
+
+def remove_tiled_mlp(model: nn.Module) -> int:
+    """Undo `apply_tiled_mlp`: put the original MLP modules back. Returns how many were unwrapped."""
+    n = 0
+    for owner in _mlp_owners(model):
+        if isinstance(owner.mlp, TiledMLP):
+            owner.mlp = owner.mlp.mlp
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------- checkpointing + offload
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Per-decoder-layer activation checkpointing through transformers' own switch (non-reentrant).
+
+    Non-reentrant checkpointing saves each layer's inputs through `saved_tensors_hooks` (torch's
+    `_NoopSaveInputs`), which is what lets `checkpoint_offload()` move them to CPU.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class OffloadStats:
+    """What went through `checkpoint_offload`'s hooks: tensors packed/unpacked, bytes moved to CPU, shapes."""
+
+    packed: int = 0
+    unpacked: int = 0
+    bytes: int = 0
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def checkpoint_offload(pin_memory: bool | None = None) -> Iterator[OffloadStats]:
+    """Keep every tensor autograd saves inside this context in CPU memory; bring it back in backward.
+
+    Wrap it around the decoder forward only (`model.model(...)`, not the loss): under per-layer
+    checkpointing the tensors saved there are the checkpointed hidden states (one [b, s, h] per layer) and
+    a few small ones (token ids, the final norm's inputs). Tensors saved *inside* checkpointed layers or
+    loss chunks belong to the checkpoint's own hooks and are recomputed, not offloaded. GPU memory then
+    holds one layer's input at a time instead of layers × tokens × hidden × 2 B; CPU memory holds them
+    all. Copies go to pinned memory (default: when CUDA is available) with non_blocking transfers, ordered
+    on the compute stream. A CPU tensor is copied too (into fresh CPU storage) so the path is the same on
+    CPU test machines. Yields an `OffloadStats` that counts what went through.
+    """
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    stats = OffloadStats()
+
+    def pack(t: torch.Tensor):
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin and not t.is_sparse)
+        host.copy_(t, non_blocking=pin)
+        stats.packed += 1
+        stats.bytes += t.numel() * t.element_size()
+        stats.shapes.append(tuple(t.shape))
+        return t.device, host
+
+    def unpack(packed) -> torch.Tensor:
+        device, host = packed
+        stats.unpacked += 1
+        return host.to(device, non_blocking=pin)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield stats
+
+
+def forward_context(features: MemoryFeatures) -> contextlib.AbstractContextManager:
+    """`checkpoint_offload()` when the features ask for it, else a no-op context."""
+    return checkpoint_offload() if features.checkpoint_offload else contextlib.nullcontext(OffloadStats())
+
+
+def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int, hidden_size: int) -> nn.Module:
+    """Apply gradient checkpointing and the tiled MLP that `features` ask for to `model` (in place).
+
+    `shard_tokens` is the global per-rank shard length (for the "auto" MLP chunk count). Returns `model`.
+    """
+    if features.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    chunks = resolve_mlp_chunks(features, shard_tokens, hidden_size)
+    if chunks is None:
+        remove_tiled_mlp(model)
+    else:
+        apply_tiled_mlp(model, chunks)
+    return model

@@ -1,0 +1,238 @@
+"""A small, exact training loop for SFT and DPO under sequence parallelism (plain torch or DeepSpeed).
+
+Per optimizer step: every rank builds the step's micro-batches from the schedule (data.py),
+takes its SP shard, runs forward/backward of its share of the *global* objective (losses.py),
+then gradients are summed over every rank (SP shards hold partial gradients of the same
+parameters; DP replicas hold gradients of different rows, already divided by the global
+denominator), clipped on the reduced gradient, and the optimizer steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .attention import SPAttention, resolve_ulysses, shard_plan
+from .comm import all_reduce_, sum_shards
+from .config import ConfigError, TrainConfig
+from .data import ByteTokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
+from .hf import SPBatch, register_sp_attention
+from .kernels import select_kernel
+from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
+from .models import build_model, model_config
+from .topology import ParallelContext, TopologyError, build_parallel_context, single_process_context
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at scheduler step s: linear warmup, then constant/linear/cosine."""
+    def f(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        frac = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1 - frac)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+    return f
+
+
+def context_for(cfg: TrainConfig) -> ParallelContext:
+    """Build the process groups `cfg` needs (collective: every rank calls it)."""
+    m = model_config(cfg.model_name_or_path)
+    u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
+                        m.num_key_value_heads, cfg.ulysses_degree)
+    return build_parallel_context(cfg.sequence_parallel_size, u)
+
+
+@dataclass
+class Shapes:
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+class Trainer:
+    """Builds model, data and optimizer from a TrainConfig for this rank; `train()` runs it.
+
+    `pc` is this rank's ParallelContext (None: single process). The harness drives the
+    trainer in-process: `train(on_step=...)` returns the per-step metrics, and with
+    `capture_grads=True` the reduced step-0 gradients are kept in `step0_grads`.
+    """
+
+    def __init__(self, cfg: TrainConfig, pc: ParallelContext | None = None):
+        self.cfg = cfg
+        self.pc = pc or single_process_context()
+        sp = cfg.sequence_parallel_size
+        mcfg = model_config(cfg.model_name_or_path)
+        self.shapes = Shapes(mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.vocab_size)
+        self.ulysses = resolve_ulysses(cfg.sequence_parallel_mode, sp, self.shapes.heads, self.shapes.kv_heads, cfg.ulysses_degree)
+        grid = self.pc.grid
+        if (grid.sp, grid.ulysses) != (sp, self.ulysses):
+            raise TopologyError(f"process grid has sp={grid.sp}, ulysses={grid.ulysses} but the config needs "
+                                f"sp={sp}, ulysses={self.ulysses}; build the context with those degrees")
+        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = DTYPES[cfg.dtype]
+        # SP off and nothing packed: transformers' own SDPA attention is the independent reference.
+        self.uses_sp_attention = sp > 1 or cfg.packing
+        attn_impl = register_sp_attention() if self.uses_sp_attention else "sdpa"
+        self.model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
+        self.ref_model = None
+        if cfg.stage == "dpo" and cfg.pref_loss != "simpo":  # simpo is reference-free
+            self.ref_model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
+            self.ref_model.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
+                                     select_kernel(cfg.attention_kernel, self.device, self.dtype))
+        self.schedule = self._schedule()
+        self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.max_steps))
+        self.engine = self._deepspeed() if cfg.deepspeed else None
+        self.step0_grads: dict[str, torch.Tensor] | None = None
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _schedule(self) -> StepSchedule:
+        cfg, tok = self.cfg, ByteTokenizer()
+        if cfg.dataset == "synthetic":
+            records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, self.shapes.vocab, cfg.seed)
+        else:
+            records = read_jsonl(cfg.dataset, cfg.stage, tok)[: cfg.max_samples]
+        if max((max(v) for r in records for v in r.values() if v), default=0) >= self.shapes.vocab:
+            raise ConfigError(f"dataset token ids exceed the model's vocabulary ({self.shapes.vocab})")
+        units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tok.eos_id)
+        sched = StepSchedule(units, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, self.pc.grid.dp, cfg.seed)
+        if sched.global_batch > len(units):
+            raise ConfigError(f"global batch {sched.global_batch} (batch × grad accum × dp) exceeds the {len(units)} rows "
+                              f"of the dataset; lower per_device_train_batch_size or gradient_accumulation_steps")
+        return sched
+
+    def _deepspeed(self):
+        import deepspeed
+
+        cfg = self.cfg
+        with open(cfg.deepspeed) as f:
+            ds = json.load(f)
+        world = self.pc.grid.world
+        ds.update(train_micro_batch_size_per_gpu=cfg.per_device_train_batch_size,
+                  gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                  train_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+                  gradient_clipping=cfg.max_grad_norm)
+        ds.pop("optimizer", None)  # the trainer's AdamW and schedule are the single source of truth
+        engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds)
+        return engine
+
+    # ---- one micro-batch --------------------------------------------------------------------------
+    def _plan(self, seq_len: int):
+        return shard_plan(self.cfg.sequence_parallel_mode, seq_len, self.cfg.sequence_parallel_size, self.ulysses)
+
+    def _logprobs(self, model, lb: LocalBatch) -> torch.Tensor:
+        kwargs = {"sp_batch": SPBatch(self.attention, lb.meta)} if self.uses_sp_attention else {}
+        hidden = model.base_model(input_ids=lb.input_ids, position_ids=lb.position_ids, **kwargs).last_hidden_state
+        return token_logprobs(hidden, model.get_output_embeddings(), lb.targets, self.cfg.tiled_loss_chunk)
+
+    def _sequence_sums(self, logp: torch.Tensor, lb: LocalBatch, n: int):
+        """Global per-sequence (log-prob sum, supervised length) for the n dpo slots of this micro-batch."""
+        valid = lb.seq_slot >= 0
+        slots = lb.seq_slot[valid]
+        sums = logp.new_zeros(n).index_add(0, slots, logp[valid])
+        lens = logp.new_zeros(n).index_add(0, slots, (lb.targets[valid] != IGNORE).to(logp.dtype))
+        return sum_shards(sums, self.pc.sp_group), all_reduce_(lens.detach(), self.pc.sp_group)
+
+    def _micro_step(self, lb: LocalBatch, pairs, n_slots: int, denom: int, stats: dict) -> torch.Tensor:
+        """This rank's share of the step objective for one micro-batch (to back-propagate)."""
+        model = self.model
+        logp = self._logprobs(model, lb)
+        if self.cfg.stage == "sft":
+            stats["loss"] += -logp.detach().sum()
+            return sft_loss(logp, lb.targets, denom)
+        pi, lens = self._sequence_sums(logp, lb, n_slots)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref, _ = self._sequence_sums(self._logprobs(self.ref_model, lb), lb, n_slots)
+        else:
+            ref = torch.zeros_like(pi)
+        c, r = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+        out = preference_loss(self.cfg.pref_loss, pi[c], pi[r], ref[c], ref[r], lens[c], lens[r],
+                              self.cfg.pref_beta, self.cfg.simpo_gamma)
+        for key, val in (("loss", out.losses), ("rewards/chosen", out.chosen_rewards),
+                         ("rewards/rejected", out.rejected_rewards),
+                         ("rewards/accuracies", (out.chosen_rewards > out.rejected_rewards).to(pi.dtype)),
+                         ("rewards/margins", out.chosen_rewards - out.rejected_rewards),
+                         ("logps/chosen", pi[c]), ("logps/rejected", pi[r])):
+            stats[key] += val.detach().sum()
+        return out.losses.sum() / denom
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def _reduce_grads(self) -> None:
+        """Sum gradients over every rank (one flat all-reduce)."""
+        if self.pc.world_group is None or self.pc.grid.world == 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        all_reduce_(flat, self.pc.world_group)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def step(self, step: int, capture_grads: bool = False) -> dict:
+        """Run optimizer step `step`; returns its metrics (identical on every rank)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        denom = self.schedule.step_denominator(step, cfg.stage)
+        keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
+        stats = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
+        world = self.pc.grid.world
+        for mb in self.schedule.micro_batches(step, self.pc.dp_rank, ByteTokenizer.pad_id):
+            lb = shard_batch(mb, self._plan, self.pc.sp_rank, self.device)
+            loss = self._micro_step(lb, mb.pairs, mb.num_slots, denom, stats)
+            if self.engine is None:
+                loss.backward()
+            else:  # DeepSpeed averages over all `world` ranks and divides by grad accum: undo both
+                self.engine.backward(loss * world * cfg.gradient_accumulation_steps)
+        if self.engine is None:
+            self._reduce_grads()
+            if capture_grads:
+                self.step0_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            lr = self.scheduler.get_last_lr()[0]
+            self.engine.step()
+            grad_norm = float(self.engine.get_global_grad_norm())
+        # sft sums are disjoint over every rank; dpo pair values repeat on each SP rank: sum over DP only
+        vec = torch.stack([stats[k] for k in keys])
+        all_reduce_(vec, self.pc.world_group if cfg.stage == "sft" else self.pc.dp_group)
+        metrics = {"step": step, "grad_norm": grad_norm, "lr": lr, "tokens": self.schedule.step_tokens(step)}
+        metrics.update({k: float(v) / max(denom, 1) for k, v in zip(keys, vec)})
+        metrics["step_time_s"] = time.perf_counter() - t0
+        return metrics
+
+    def train(self, on_step: Callable[[dict], None] | None = None, capture_grads: bool = False) -> list[dict]:
+        """All steps; `on_step(metrics)` after each. Returns the metrics list."""
+        history = []
+        for s in range(self.max_steps):
+            m = self.step(s, capture_grads=capture_grads and s == 0)
+            history.append(m)
+            if on_step is not None:
+                on_step(m)
+        return history
