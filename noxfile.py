@@ -27,8 +27,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def parity(session: nox.Session) -> None:
-    """Check every SP attention strategy on 4 CPU ranks against the float64 oracle (until the parity suite lands)."""
+    """Run the default parity suite (suites/ci.toml: tiny model, CPU ranks, float64); report under reports/parity."""
     install(session)
-    for method in ("ulysses", "ring", "zigzag", "hybrid", "allgather"):
-        session.run("spbench", "check-attention", "--method", method, "--sp", "4", "--heads", "12", "--kv-heads", "2",
-                    "--seq", "999", *session.posargs)
+    session.run("spbench", "parity", *session.posargs)
+
+
+@nox.session
+def gate(session: nox.Session) -> None:
+    """Run the default parity suite into a scratch folder and gate it against the committed golden results."""
+    install(session)
+    out = session.create_tmp()
+    session.run("spbench", "parity", "--out", out, success_codes=[0, 1])
+    session.run("spbench", "gate", "--baseline", "suites/golden/ci.json", "--results", f"{out}/ci.json", *session.posargs)

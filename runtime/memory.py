@@ -105,12 +105,18 @@ class TiledMLP(nn.Module):
     With gradients on, each piece's [tokens × intermediate] activations exist only while that piece is
     computed, in forward and again in backward (recompute). Without gradients (a reference forward) the
     pieces just run one after another. The MLP is position-wise, so the result equals mlp(x) exactly.
+
+    State-dict keys stay those of the unwrapped model (`layers.0.mlp.gate_proj.weight`, not
+    `layers.0.mlp.mlp.gate_proj.weight`), so checkpoints load into and from plain transformers models;
+    `named_parameters()` does show the extra `.mlp`.
     """
 
     def __init__(self, mlp: nn.Module, num_chunks: int) -> None:
         super().__init__()
         self.mlp = mlp
         self.num_chunks = num_chunks
+        self.register_state_dict_post_hook(_drop_inner_prefix)
+        self.register_load_state_dict_pre_hook(_add_inner_prefix)
 
     @property
     def num_chunks(self) -> int:
@@ -132,6 +138,19 @@ class TiledMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_chunks={self.num_chunks}"
+
+
+def _drop_inner_prefix(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: `<prefix>mlp.<rest>` → `<prefix><rest>` (the wrapped module's own keys)."""
+    inner = prefix + "mlp."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_inner_prefix(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: `<prefix><rest>` → `<prefix>mlp.<rest>`, undoing `_drop_inner_prefix`."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "mlp.")]:
+        state_dict[prefix + "mlp." + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _mlp_owners(model: nn.Module) -> list[nn.Module]:

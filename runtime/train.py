@@ -130,6 +130,7 @@ class Trainer:
                   train_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
                   gradient_clipping=cfg.max_grad_norm)
         ds.pop("optimizer", None)  # the trainer's AdamW and schedule are the single source of truth
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": self.dtype == torch.bfloat16}  # "auto" → the run's dtype
         engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds)
         return engine
@@ -194,6 +195,7 @@ class Trainer:
     def step(self, step: int, capture_grads: bool = False) -> dict:
         """Run optimizer step `step`; returns its metrics (identical on every rank)."""
         cfg, t0 = self.cfg, time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         denom = self.schedule.step_denominator(step, cfg.stage)
         keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
         stats = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
@@ -205,19 +207,17 @@ class Trainer:
                 loss.backward()
             else:  # DeepSpeed averages over all `world` ranks and divides by grad accum: undo both
                 self.engine.backward(loss * world * cfg.gradient_accumulation_steps)
+                self.engine.step()  # steps the optimizer only at the accumulation boundary
         if self.engine is None:
             self._reduce_grads()
             if capture_grads:
                 self.step0_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-            lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            lr = self.scheduler.get_last_lr()[0]
-            self.engine.step()
             grad_norm = float(self.engine.get_global_grad_norm())
         # sft sums are disjoint over every rank; dpo pair values repeat on each SP rank: sum over DP only
         vec = torch.stack([stats[k] for k in keys])

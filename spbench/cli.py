@@ -4,18 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.config import ConfigError
+from runtime.data import DataError
 from runtime.kernels import KernelError
 from runtime.layout import LayoutError
 from runtime.models import ModelError
 from runtime.topology import TopologyError
 
-from . import attncmd
+from . import attncmd, gate, parity, report
 from .errors import UsageError
 from .launch import RankError
 
-SUBCOMMANDS = [attncmd]
+SUBCOMMANDS = [parity, attncmd, report, gate]
 # Input errors raised anywhere below a subcommand: one line, exit 2.
-INPUT_ERRORS = (UsageError, TopologyError, LayoutError, KernelError, ModelError)
+INPUT_ERRORS = (UsageError, TopologyError, LayoutError, KernelError, ModelError, ConfigError, DataError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,9 @@ def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threa
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+    # What torchrun would export; DeepSpeed reads these.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = "cpu"
     if backend == "nccl" or (backend == "gloo-cuda"):
         local = rank % max(1, torch.cuda.device_count())
