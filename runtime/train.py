@@ -24,7 +24,7 @@ from .hf import SPBatch, register_sp_attention
 from .kernels import select_kernel
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .models import build_model, model_config
-from .topology import ParallelContext, TopologyError, build_parallel_context, single_process_context
+from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -42,6 +42,16 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         return 1.0
     return f
+
+
+def preflight(cfg: TrainConfig, world: int) -> None:
+    """Raise the input errors a run would hit, before any rank is spawned (one line each)."""
+    m = model_config(cfg.model_name_or_path)
+    u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
+                        m.num_key_value_heads, cfg.ulysses_degree)
+    rank_grid(world, cfg.sequence_parallel_size, u)
+    if cfg.dataset != "synthetic":
+        read_jsonl(cfg.dataset, cfg.stage, ByteTokenizer())
 
 
 def context_for(cfg: TrainConfig) -> ParallelContext:

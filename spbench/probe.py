@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -182,6 +183,59 @@ def is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)
+
+
+# ------------------------------------------------------------------ running probes from another process
+class SubprocessProbe:
+    """Runs one probe per call in a fresh process; never raises for a failed probe (used by spbench maxlen).
+
+    `case` has model, stage, features, gpu_mem_gib (spbench.maxlen.Case).
+
+    `command` is the argv prefix (default: this Python, -m spbench.probe); the probe's flags follow it.
+    Returns the probe's last JSON line, or {"status": "timeout"} / {"status": "error", "error": ...}.
+    """
+
+    def __init__(self, case, timeout_s: float, command: list[str] | None = None) -> None:
+        self.case, self.timeout_s = case, timeout_s
+        self.command = command or [sys.executable, "-m", "spbench.probe"]
+
+    def argv(self, length: int) -> list[str]:
+        f = self.case.features
+        mlp = "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)
+        args = ["--model", self.case.model, "--stage", self.case.stage, "--length", str(length),
+                "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
+                "--mlp-chunks", mlp, "--gpu-mem-gib", str(self.case.gpu_mem_gib)]
+        if f.checkpoint_offload:
+            args.append("--checkpoint-offload")
+        args.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
+        return [*self.command, *args]
+
+    def __call__(self, length: int) -> dict:
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(self.argv(length), capture_output=True, text=True, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "oom": False, "error": f"probe exceeded {self.timeout_s:g} s",
+                    "wall_s": time.monotonic() - t0}
+        result = _last_json(proc.stdout)
+        if result is None:
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
+            result = {"status": "error", "oom": False, "error": f"exit {proc.returncode}, no JSON: {tail[0][:300]}"}
+        result.setdefault("status", "error")
+        result["wall_s"] = time.monotonic() - t0
+        return result
+
+
+def _last_json(text: str) -> dict | None:
+    for line in reversed((text or "").strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
 
 
 def _features(args) -> MemoryFeatures:
