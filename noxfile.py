@@ -30,12 +30,3 @@ def parity(session: nox.Session) -> None:
     """Run the default parity suite (suites/ci.toml: tiny model, CPU ranks, float64); report under reports/parity."""
     install(session)
     session.run("spbench", "parity", *session.posargs)
-
-
-@nox.session
-def gate(session: nox.Session) -> None:
-    """Run the default parity suite into a scratch folder and gate it against the committed golden results."""
-    install(session)
-    out = session.create_tmp()
-    session.run("spbench", "parity", "--out", out, success_codes=[0, 1])
-    session.run("spbench", "gate", "--baseline", "suites/golden/ci.json", "--results", f"{out}/ci.json", *session.posargs)

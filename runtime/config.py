@@ -50,6 +50,8 @@ class TrainConfig:
     dtype: str = field(default="bfloat16", metadata={"doc": "float64 | float32 | bfloat16 (parameters and compute)"})
     gradient_checkpointing: bool = field(default=True, metadata={"doc": "recompute each decoder layer in backward"})
     tiled_loss_chunk: int | None = field(default=8192, metadata={"doc": "tokens per logits chunk (null = full logits)"})
+    tiled_mlp_chunks: int | str | None = field(default=None, metadata={"doc": "sequence chunks per MLP call: an int, auto (≈ hidden_size tokens each, from cutoff_len / SP), or null"})
+    checkpoint_offload: bool = field(default=False, metadata={"doc": "keep the checkpointed hidden states in CPU memory (needs gradient_checkpointing)"})
     deepspeed: str | None = field(default=None, metadata={"doc": "path to a DeepSpeed JSON config (ZeRO-2/3, offload) or null"})
     seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
     output_dir: str = field(default="out/run", metadata={"doc": "metrics.jsonl, config.json, provenance.json go here"})
@@ -79,6 +81,10 @@ class TrainConfig:
         need(self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown; use one of {', '.join(SCHEDULERS)}")
         need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         need(self.tiled_loss_chunk is None or self.tiled_loss_chunk >= 1, "tiled_loss_chunk must be ≥ 1 or null")
+        need(self.tiled_mlp_chunks in (None, "auto") or (isinstance(self.tiled_mlp_chunks, int) and self.tiled_mlp_chunks >= 1),
+             f"tiled_mlp_chunks must be null, auto or an integer ≥ 1, got {self.tiled_mlp_chunks!r}")
+        need(not self.checkpoint_offload or self.gradient_checkpointing,
+             "checkpoint_offload needs gradient_checkpointing: true (it offloads the checkpointed hidden states)")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is unknown; use auto, cpu or cuda")
         need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
 

@@ -155,7 +155,8 @@ def _add_inner_prefix(module, state_dict, prefix, *args) -> None:
 
 def _mlp_owners(model: nn.Module) -> list[nn.Module]:
     """Modules with an `mlp` child module (the decoder layers of Qwen2/Llama-style models)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module) and not isinstance(m, TiledMLP)]
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "mlp", None), nn.Module) and not isinstance(m, TiledMLP)]
 
 
 def apply_tiled_mlp(model: nn.Module, num_chunks: int) -> int:
@@ -193,7 +194,19 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing saves each layer's inputs through `saved_tensors_hooks` (torch's
     `_NoopSaveInputs`), which is what lets `checkpoint_offload()` move them to CPU.
     """
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo `enable_gradient_checkpointing`."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 @dataclass
@@ -251,6 +264,8 @@ def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int,
     """
     if features.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    else:
+        disable_gradient_checkpointing(model)
     chunks = resolve_mlp_chunks(features, shard_tokens, hidden_size)
     if chunks is None:
         remove_tiled_mlp(model)

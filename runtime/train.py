@@ -8,6 +8,7 @@ denominator), clipped on the reduced gradient, and the optimizer steps.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,6 +24,7 @@ from .data import ByteTokenizer, LocalBatch, StepSchedule, build_units, read_jso
 from .hf import SPBatch, register_sp_attention
 from .kernels import select_kernel
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
+from .memory import apply_tiled_mlp, checkpoint_offload, enable_gradient_checkpointing, mlp_chunks_for
 from .models import build_model, model_config
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
@@ -101,7 +103,12 @@ class Trainer:
             self.ref_model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
             self.ref_model.eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(self.model)
+        if cfg.tiled_mlp_chunks is not None:
+            # One chunk count for every rank and micro-batch (F11: differing counts hang ZeRO-3).
+            shard_tokens = -(-cfg.cutoff_len // sp) * cfg.per_device_train_batch_size
+            n = mlp_chunks_for(shard_tokens, mcfg.hidden_size) if cfg.tiled_mlp_chunks == "auto" else cfg.tiled_mlp_chunks
+            apply_tiled_mlp(self.model, n)
         self.model.train()
         self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
                                      select_kernel(cfg.attention_kernel, self.device, self.dtype))
@@ -151,7 +158,9 @@ class Trainer:
 
     def _logprobs(self, model, lb: LocalBatch) -> torch.Tensor:
         kwargs = {"sp_batch": SPBatch(self.attention, lb.meta)} if self.uses_sp_attention else {}
-        hidden = model.base_model(input_ids=lb.input_ids, position_ids=lb.position_ids, **kwargs).last_hidden_state
+        offload = checkpoint_offload() if self.cfg.checkpoint_offload and torch.is_grad_enabled() else contextlib.nullcontext()
+        with offload:
+            hidden = model.base_model(input_ids=lb.input_ids, position_ids=lb.position_ids, **kwargs).last_hidden_state
         return token_logprobs(hidden, model.get_output_embeddings(), lb.targets, self.cfg.tiled_loss_chunk)
 
     def _sequence_sums(self, logp: torch.Tensor, lb: LocalBatch, n: int):
@@ -167,8 +176,9 @@ class Trainer:
         model = self.model
         logp = self._logprobs(model, lb)
         if self.cfg.stage == "sft":
-            stats["loss"] += -logp.detach().sum()
-            return sft_loss(logp, lb.targets, denom)
+            loss = sft_loss(logp, lb.targets, denom)
+            stats["loss"] += loss.detach() * denom  # report the objective actually back-propagated
+            return loss
         pi, lens = self._sequence_sums(logp, lb, n_slots)
         if self.ref_model is not None:
             with torch.no_grad():

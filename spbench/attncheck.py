@@ -46,6 +46,7 @@ class AttnCase:
     kernel: str = "auto"
     batch: int = 1
     seed: int = 0
+    q_scale: float = 1.0  # multiplies q: 1000 gives logits far beyond exp()'s float64 range (F9)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -67,7 +68,7 @@ def make_inputs(case: AttnCase) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(case.seed)
     b, h, kv, n, d = case.batch, case.heads, case.kv_heads, case.seq, case.head_dim
     t = {
-        "q": torch.randn(b, h, n, d, generator=g, dtype=torch.float64),
+        "q": torch.randn(b, h, n, d, generator=g, dtype=torch.float64) * case.q_scale,
         "k": torch.randn(b, kv, n, d, generator=g, dtype=torch.float64),
         "v": torch.randn(b, kv, n, d, generator=g, dtype=torch.float64),
         "dout": torch.randn(b, h, n, d, generator=g, dtype=torch.float64),
@@ -94,8 +95,18 @@ def oracle(case: AttnCase, inputs: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {"out": out.detach(), "lse": lse.detach(), "dq": dq, "dk": dk, "dv": dv}
 
 
-def run_on_rank(info, cases: list[AttnCase]) -> list[dict[str, torch.Tensor] | None]:
-    """Rank job: forward + backward of each case; returns this rank's shards (None off SP-group 0)."""
+def run_on_rank(info, cases: list[AttnCase], fault: str | None = None) -> list[dict[str, torch.Tensor] | None]:
+    """Rank job: forward + backward of each case; returns this rank's shards (None off SP-group 0).
+
+    `fault`: a FAULTS.md id whose injection (spbench.faults) is active in this rank only.
+    """
+    from .faults import inject
+
+    with inject(fault, {}):
+        return _run_cases(info, cases)
+
+
+def _run_cases(info, cases: list[AttnCase]) -> list[dict[str, torch.Tensor] | None]:
     contexts: dict[tuple[int, int], object] = {}
     results = []
     for case in cases:

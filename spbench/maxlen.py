@@ -25,8 +25,8 @@ from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, MemoryFeatures
 from runtime.models import ModelError, model_config
 
 from . import memmodel
-from .probe import SubprocessProbe
 from .errors import UsageError
+from .probe import SubprocessProbe
 
 SCHEMA = "spbench.maxlen/1"
 PROBE_SCHEMA = "spbench.maxlen.probe/1"
@@ -150,8 +150,13 @@ class ProbeLog:
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False  # a crash mid-write leaves a last line without newline: start a fresh line after it
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(("\n" if torn else "") + json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -171,8 +176,8 @@ class ProbeLog:
 
 
 def logged_probe(case: Case, probe: Callable[[int], dict], log: ProbeLog, progress=sys.stderr) -> Callable[[int], dict]:
-    """Wrap `probe`: each result gets the case, the prediction and a timestamp, goes to the log at once, and
-    a progress line goes to `progress`."""
+    """Wrap `probe`: each result gets the case, the prediction and a timestamp and goes to the log at once;
+    one progress line per probe goes to `progress` (its first half before the probe runs)."""
     setup, shape = case.setup(), memmodel.shape_of(case.model)
     count = [0]
 
@@ -180,18 +185,17 @@ def logged_probe(case: Case, probe: Callable[[int], dict], log: ProbeLog, progre
         count[0] += 1
         predicted = memmodel.peak_memory(setup, length, shape)["total_gib"]
         print(f"maxlen: probe {count[0]}: {case.model} {case.stage} {case.variant} length {length:,} "
-              f"(predicted {predicted:.1f} GiB) ...", file=progress, flush=True)
+              f"(predicted {predicted:.1f} GiB) ...", end="", file=progress, flush=True)
         result = dict(probe(length))
         record = {"schema": PROBE_SCHEMA, "case": case.key(), "variant": case.variant, "length": length,
                   "predicted_gib": predicted, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   **{k: v for k, v in result.items() if k not in ("case", "length", "schema")}}
         log.append(record)
-        peak = result.get("peak_gib")
-        rate = result.get("tokens_per_s")
-        detail = (f"peak {peak:.1f} GiB" if isinstance(peak, (int, float)) else "") + \
-                 (f", {rate:,.0f} tokens/s" if isinstance(rate, (int, float)) else "")
-        print(f"maxlen: probe {count[0]}: length {length:,} → {record.get('status')} {detail}".rstrip(),
-              file=progress, flush=True)
+        peak, rate = result.get("peak_gib"), result.get("tokens_per_s")
+        detail = "".join([f", peak {peak:.1f} GiB" if isinstance(peak, (int, float)) else "",
+                          f", {rate:,.0f} tokens/s" if isinstance(rate, (int, float)) else "",
+                          f": {result['error']}" if result.get("error") else ""])
+        print(f" {record.get('status')}{detail}", file=progress, flush=True)
         return record
 
     return run

@@ -10,6 +10,7 @@ they are partitioned) and, for DPO, rewards and log-probs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import itertools
 import sys
@@ -175,14 +176,21 @@ def run_reference(case: Case) -> dict:
     return {"metrics": metrics, "grads": {k: v.double() for k, v in trainer.step0_grads.items()}}
 
 
-def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, log=print) -> list[dict]:
-    """Run every case (grouped by world size, one rank pool each); crashes become error results."""
+def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, log=print, fault: str | None = None,
+              pools: dict[int, RankPool] | None = None, refs: dict[str, dict] | None = None) -> list[dict]:
+    """Run every case (grouped by world size, one rank pool each); crashes become error results.
+
+    `fault` injects a FAULTS.md bug into the SP ranks only; the reference stays clean.
+    `pools` (world → RankPool) and `refs` (reference cache) may be shared between calls.
+    """
     results: dict[str, dict] = {}
-    refs: dict[str, dict] = {}
+    refs = {} if refs is None else refs
     torch.set_num_threads(2)
     for world in sorted({c.world for c in cases}):
         group = [c for c in cases if c.world == world]
-        with RankPool(world, backend=backend, timeout=timeout) as pool:
+        owned = pools is None or world not in pools
+        pool = RankPool(world, backend=backend, timeout=timeout) if owned else pools[world]
+        with pool if owned else contextlib.nullcontext():
             for c in group:
                 t0 = time.perf_counter()
                 try:
@@ -190,7 +198,7 @@ def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, lo
                     key = repr(sorted(ref_cfg.to_dict().items()))
                     if key not in refs:
                         refs[key] = run_reference(c)
-                    sp_out = pool.run(train_on_rank, c.train_config(sp_on=True).to_dict(), not c.zero)[0]
+                    sp_out = pool.run(train_on_rank, c.train_config(sp_on=True).to_dict(), not c.zero, None, fault)[0]
                     res = compare(c, refs[key], sp_out)
                 except RankError as e:
                     res = {**case_fields(c), "passed": False, "error": str(e).splitlines()[0] + " (see stderr)",

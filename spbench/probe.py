@@ -51,15 +51,17 @@ class ProbeSpec:
         return 2 if self.stage == "dpo" else 1
 
 
-def training_step(model, ref, optimizer, ids: torch.Tensor, targets: torch.Tensor, features: MemoryFeatures) -> float:
-    """One full step on ids/targets [rows, s]: SFT (ref None) or DPO (rows = chosen, rejected). Returns the loss."""
+def training_step(model, ref, optimizer, ids: torch.Tensor, targets: torch.Tensor, features: MemoryFeatures):
+    """One full step on ids/targets [rows, s]: SFT (ref None) or DPO (rows = chosen, rejected).
+
+    Returns (loss, OffloadStats of the decoder forward: what checkpoint offload moved to CPU)."""
     chunk = features.tiled_loss_chunk
     if ref is not None:  # reference log-probs first, as DPO trainers precompute them: nothing stored
         with torch.no_grad():
             ref_hidden = ref.model(input_ids=ids).last_hidden_state  # [2, s, h]
             ref_sums, _ = sequence_sums(token_logprobs(ref_hidden, ref.lm_head, targets, chunk), targets)
             del ref_hidden
-    with forward_context(features):
+    with forward_context(features) as offload:
         hidden = model.model(input_ids=ids).last_hidden_state  # [rows, s, h]
     logp = token_logprobs(hidden, model.lm_head, targets, chunk_tokens=chunk)  # [rows, s]
     if ref is None:
@@ -71,7 +73,7 @@ def training_step(model, ref, optimizer, ids: torch.Tensor, targets: torch.Tenso
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(loss.detach()), offload
 
 
 def prime_optimizer(model, optimizer) -> None:
@@ -163,7 +165,7 @@ def run_probe(spec: ProbeSpec, device: str = "cuda", dtype: torch.dtype = torch.
     nvml = NvmlPeak(_nvml_index()) if cuda else None
     t0 = time.perf_counter()
     with nvml or contextlib.nullcontext():
-        loss = training_step(model, ref, optimizer, ids, targets, spec.features)
+        loss, offload = training_step(model, ref, optimizer, ids, targets, spec.features)
         if cuda:
             torch.cuda.synchronize(dev)
     step_s = time.perf_counter() - t0
@@ -173,13 +175,14 @@ def run_probe(spec: ProbeSpec, device: str = "cuda", dtype: torch.dtype = torch.
         peak_gib=torch.cuda.max_memory_allocated(dev) / GiB if cuda else None,
         reserved_gib=torch.cuda.max_memory_reserved(dev) / GiB if cuda else None,
         nvml_peak_used_gib=nvml.peak_gib if nvml else None,
+        offloaded_tensors=offload.packed, offloaded_gib=offload.bytes / GiB,  # 0 unless checkpoint offload
     )
     return info
 
 
 def is_oom(exc: BaseException) -> bool:
     """torch's OOM error, or a library allocation failure that means the same (cuBLAS/cuDNN/NCCL)."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text)

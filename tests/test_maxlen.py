@@ -19,6 +19,15 @@ from spbench.probe import ProbeSpec, SubprocessProbe, parser as probe_parser, _f
 SUITE = Path(__file__).resolve().parents[1] / "suites" / "maxlen-qwen2.5.toml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny float64 models run ~30x faster on one thread than on two contended ones (2-core CI boxes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def simulated_gpu(threshold: int, calls: list | None = None, flaky: dict | None = None):
     """A probe that OOMs above `threshold` tokens; `flaky` maps lengths to forced statuses."""
 
@@ -81,7 +90,8 @@ def test_subprocess_probe_ok_oom_timeout_crash(tmp_path):
             "L = int(sys.argv[sys.argv.index('--length') + 1])\n"
             "if L == 3: time.sleep(30)\n"
             "if L == 4: sys.exit('boom: segfault-like crash')\n"
-            "print('log line'); print(json.dumps({'status': 'ok' if L < 2 else 'oom', 'oom': L >= 2, 'peak_gib': L}))\n")
+            "print('log line')\n"
+            "print(json.dumps({'status': 'ok' if L < 2 else 'oom', 'oom': L >= 2, 'peak_gib': L}))\n")
     case = maxlen.Case("tiny", "sft", 1, 80.0, 1, 0, (), MemoryFeatures())
     probe = SubprocessProbe(case, timeout_s=2, command=[sys.executable, "-c", fake])
     assert probe(1)["status"] == "ok" and probe(1)["peak_gib"] == 1
@@ -92,7 +102,8 @@ def test_subprocess_probe_ok_oom_timeout_crash(tmp_path):
 
 
 @pytest.mark.parametrize("features", [MemoryFeatures(), MemoryFeatures.plain(), MemoryFeatures(checkpoint_offload=True),
-                                      MemoryFeatures(tiled_loss_chunk=77, tiled_mlp_chunks=5, gradient_checkpointing=False)])
+                                      MemoryFeatures(tiled_loss_chunk=77, tiled_mlp_chunks=5,
+                                                     gradient_checkpointing=False)])
 def test_probe_argv_round_trips_features(features):
     case = maxlen.Case("qwen2.5-7b", "dpo", 1, 80.0, 1, 0, (), features)
     argv = SubprocessProbe(case, 10).argv(4096)
@@ -106,6 +117,8 @@ def test_probe_step_runs_on_cpu(stage):
     out = run_probe(spec, "cpu", torch.float32)
     assert out["status"] == "ok" and out["tokens"] == spec.rows * 96 and out["peak_gib"] is None
     assert torch.isfinite(torch.tensor(out["loss"])) and out["tokens_per_s"] > 0
+    h, layers = 64, 2  # tiny: every layer input went to CPU
+    assert out["offloaded_tensors"] >= layers and out["offloaded_gib"] * 2**30 >= layers * spec.rows * 96 * h * 4
 
 
 # ---------------------------------------------------------------------------------------- log + resume
@@ -190,7 +203,8 @@ def test_feature_flags_and_plain_setup(tmp_path, capsys):
                        "--gpu-mem", "139"]))
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert row["variant"] == "plain" and 32_768 <= row["max_len"] < 65_536  # measured: ok at 32k, OOM at 64k
-    maxlen.run(_parse(["--model", "qwen2.5-7b", "--estimate", "--json", "--out", str(tmp_path), "--checkpoint-offload"]))
+    maxlen.run(_parse(["--model", "qwen2.5-7b", "--estimate", "--json", "--out", str(tmp_path),
+                       "--checkpoint-offload"]))
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert row["variant"] == "ours+ckpt-offload" and row["features"]["checkpoint_offload"] is True
 

@@ -163,7 +163,8 @@ def test_dpo_holds_two_sequences_and_a_reference():
 @pytest.mark.parametrize("kw,msg", [
     (dict(stage="ppo"), "stage"), (dict(sp=3), "divide"), (dict(zero=1), "zero"),
     (dict(zero=0, offload=frozenset({"optimizer"})), "ZeRO"), (dict(zero=2, offload=frozenset({"param"})), "zero 3"),
-    (dict(offload=frozenset({"disk"})), "offload"), (dict(sp_method="tree"), "sp_method"), (dict(gpu_mem_gib=0.1), "small")])
+    (dict(offload=frozenset({"disk"})), "offload"), (dict(sp_method="tree"), "sp_method"),
+    (dict(gpu_mem_gib=0.1), "small")])
 def test_setup_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         _setup(**kw)
