@@ -88,10 +88,11 @@ def _plots(cases: list[dict], out: Path, prefix: str) -> list[str]:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # a bare Figure: no pyplot global state
 
-    groups = defaultdict(list)  # (stage, method) → cases with a curve
+    groups = defaultdict(list)  # (stage with its dpo loss, method) → cases with a curve; losses differ in scale
     for c in cases:
         if c.get("sp_losses"):
-            groups[(str(c.get("stage", "?")), str(c.get("method", "?")))].append(c)
+            stage = str(c.get("stage", "?")) + (f"-{c['pref_loss']}" if c.get("pref_loss") else "")
+            groups[(stage, str(c.get("method", "?")))].append(c)
     names = []
     for (stage, method), group in groups.items():
         fig = Figure(figsize=(7, 4.5))

@@ -61,3 +61,19 @@ def hf_logits_and_grads(info, model_name: str, method: str, sp: int, seq: int, d
 def hf_inputs(vocab: int, seq: int):
     g = torch.Generator().manual_seed(7)
     return torch.randint(0, vocab, (2, seq), generator=g), torch.randn(2, seq, vocab, generator=g, dtype=torch.float64)
+
+
+def misbehave(info, how: str):
+    """Rank 1 raises, hangs or dies; other ranks wait in a collective, as a real job would."""
+    import os
+    import time
+
+    if info.rank == 1:
+        if how == "raise":
+            raise ValueError("rank 1 broke on purpose")
+        if how == "hang":
+            time.sleep(3600)
+        if how == "die":
+            os._exit(3)
+    torch.distributed.barrier()
+    return info.rank

@@ -73,7 +73,7 @@ def test_parity_table_rows(rendered):
 
 def test_parity_plots_exist_and_are_linked(rendered):
     out, md = rendered
-    pngs = {"1-ci-loss-sft-zigzag.png", "1-ci-loss-dpo-ulysses.png", "1-ci-loss-error.png"}
+    pngs = {"1-ci-loss-sft-zigzag.png", "1-ci-loss-dpo-sigmoid-ulysses.png", "1-ci-loss-error.png"}
     assert {p.name for p in out.iterdir()} == pngs | {"report.md"}  # no temp files, no plot for the errored case
     for name in pngs:
         data = (out / name).read_bytes()
