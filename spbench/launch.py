@@ -103,23 +103,38 @@ class RankPool:
             try:
                 rank, ok, value = self._outbox.get(timeout=0.5)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if p.exitcode is not None]
-                if dead:
-                    self.close(kill=True)
-                    raise RankError(f"rank {dead[0]} died (exit code {self._exit_codes.get(dead[0])}) during {fn.__name__}")
+                if any(p.exitcode is not None for p in self._procs):
+                    raise RankError(self._failure_report(fn.__name__, {}))
                 if time.monotonic() > deadline:
                     self.close(kill=True)
                     raise RankError(f"{fn.__name__} timed out after {timeout or self.timeout:.0f} s on {self.world} ranks "
                                     f"({sorted(set(range(self.world)) - set(results))} did not finish)")
                 continue
             if not ok:
-                self.close(kill=True)
-                raise RankError(f"rank {rank} failed in {fn.__name__}:\n{value}")
+                raise RankError(self._failure_report(fn.__name__, {rank: value}))
             results[rank] = value
         return [results[r] for r in range(self.world)]
 
+    def _failure_report(self, job: str, errors: dict[int, str], grace: float = 2.0) -> str:
+        """Collect the other ranks' errors for a moment (a failure cascades through collectives), kill
+        the pool, and describe every failed rank; the first line names them all."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                rank, ok, value = self._outbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if not ok:
+                errors[rank] = value
+        dead = {r: p.exitcode for r, p in enumerate(self._procs) if p.exitcode is not None}
+        self.close(kill=True)
+        head = [f"rank {r} died (exit code {code}) during {job}" for r, code in dead.items()]
+        if errors:
+            head.append(f"rank{'s' if len(errors) > 1 else ''} {', '.join(map(str, sorted(errors)))} failed in {job}")
+        body = "".join(f"\n--- rank {r}:\n{errors[r]}" for r in sorted(errors))
+        return "; ".join(head) + ":" + body
+
     def close(self, kill: bool = False) -> None:
-        self._exit_codes = {r: p.exitcode for r, p in enumerate(self._procs)}
         if not kill:
             for box in self._inboxes if self._procs else []:
                 box.put(None)

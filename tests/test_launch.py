@@ -7,7 +7,7 @@ from spbench.launch import RankError, RankPool
 from rankjobs import misbehave
 
 
-@pytest.mark.parametrize("how,match", [("raise", "(?s)rank 1 failed in misbehave:.*rank 1 broke on purpose"),
+@pytest.mark.parametrize("how,match", [("raise", "(?s)failed in misbehave:.*--- rank 1:.*rank 1 broke on purpose"),
                                        ("hang", "timed out after 5 s"),
                                        ("die", "rank 1 died")])
 def test_bad_rank_ends_the_job_with_a_clear_error_and_pool_recovers(how, match):
