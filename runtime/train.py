@@ -64,6 +64,26 @@ def context_for(cfg: TrainConfig) -> ParallelContext:
     return build_parallel_context(cfg.sequence_parallel_size, u)
 
 
+class TokenLogProbs(torch.nn.Module):
+    """A causal LM that returns log p(target) per token ([b, s]) instead of logits.
+
+    It is the unit DeepSpeed wraps, so ZeRO-3's module hooks see one top-level forward per
+    micro-batch (calling the decoder and lm_head separately left ZeRO-3 gradients wrong).
+    Logits go through `token_logprobs` (tiled when `chunk_tokens` is set); with `offload`,
+    the checkpointed hidden states of the decoder live in CPU memory.
+    """
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int | None, offload: bool):
+        super().__init__()
+        self.lm, self.chunk_tokens, self.offload = lm, chunk_tokens, offload
+
+    def forward(self, input_ids, position_ids, targets, **kwargs) -> torch.Tensor:
+        ctx = checkpoint_offload() if self.offload and torch.is_grad_enabled() else contextlib.nullcontext()
+        with ctx:
+            hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
+        return token_logprobs(hidden, self.lm.get_output_embeddings(), targets, self.chunk_tokens)
+
+
 @dataclass
 class Shapes:
     heads: int
@@ -110,6 +130,9 @@ class Trainer:
             n = mlp_chunks_for(shard_tokens, mcfg.hidden_size) if cfg.tiled_mlp_chunks == "auto" else cfg.tiled_mlp_chunks
             apply_tiled_mlp(self.model, n)
         self.model.train()
+        self.policy = TokenLogProbs(self.model, cfg.tiled_loss_chunk, cfg.checkpoint_offload)
+        if self.ref_model is not None:
+            self.ref_model = TokenLogProbs(self.ref_model, cfg.tiled_loss_chunk, offload=False)
         self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
                                      select_kernel(cfg.attention_kernel, self.device, self.dtype))
         self.schedule = self._schedule()
@@ -149,7 +172,7 @@ class Trainer:
         ds.pop("optimizer", None)  # the trainer's AdamW and schedule are the single source of truth
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": self.dtype == torch.bfloat16}  # "auto" → the run's dtype
         engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds)
+            model=self.policy, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds)
         return engine
 
     # ---- one micro-batch --------------------------------------------------------------------------
@@ -158,10 +181,7 @@ class Trainer:
 
     def _logprobs(self, model, lb: LocalBatch) -> torch.Tensor:
         kwargs = {"sp_batch": SPBatch(self.attention, lb.meta)} if self.uses_sp_attention else {}
-        offload = checkpoint_offload() if self.cfg.checkpoint_offload and torch.is_grad_enabled() else contextlib.nullcontext()
-        with offload:
-            hidden = model.base_model(input_ids=lb.input_ids, position_ids=lb.position_ids, **kwargs).last_hidden_state
-        return token_logprobs(hidden, model.get_output_embeddings(), lb.targets, self.cfg.tiled_loss_chunk)
+        return model(lb.input_ids, lb.position_ids, lb.targets, **kwargs)
 
     def _sequence_sums(self, logp: torch.Tensor, lb: LocalBatch, n: int):
         """Global per-sequence (log-prob sum, supervised length) for the n dpo slots of this micro-batch."""
@@ -173,8 +193,7 @@ class Trainer:
 
     def _micro_step(self, lb: LocalBatch, pairs, n_slots: int, denom: int, stats: dict) -> torch.Tensor:
         """This rank's share of the step objective for one micro-batch (to back-propagate)."""
-        model = self.model
-        logp = self._logprobs(model, lb)
+        logp = self._logprobs(self.engine or self.policy, lb)
         if self.cfg.stage == "sft":
             loss = sft_loss(logp, lb.targets, denom)
             stats["loss"] += loss.detach() * denom  # report the objective actually back-propagated

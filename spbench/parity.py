@@ -114,7 +114,9 @@ def expand(spec: dict) -> list[Case]:
     for combo in itertools.product(*axes.values()) if axes else [()]:
         fields = {**spec, **dict(zip(axes, combo))}
         prefix = fields.pop("name", None)
-        auto = "-".join(str(x) for x in [fields["stage"], fields.get("pref_loss"), fields["method"], f"sp{fields['sp']}"] if x)
+        parts = [fields["stage"], fields.get("pref_loss"), fields["method"], f"sp{fields['sp']}"]
+        parts += [f"{k}{fields[k]}" for k in axes if k not in ("stage", "pref_loss", "method", "sp")]
+        auto = "-".join(str(x) for x in parts if x)
         fields["name"] = f"{prefix}-{auto}" if prefix else auto
         try:
             out.append(Case(**fields))
