@@ -28,7 +28,7 @@ from .errors import UsageError
 from .launch import RankError, RankPool
 from .results import provenance, results_doc, write_json_atomic
 from .runs import train_on_rank
-from .tolerances import TOLERANCES, ZERO_GRAD_NORM
+from .tolerances import TOLERANCES, ZERO
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 ZERO_CONFIGS = {2: "examples/ds_z2.json", 3: "examples/ds_z3.json"}
@@ -132,7 +132,8 @@ def rel(a: float, b: float) -> float:
 def compare(case: Case, ref: dict, sp: dict) -> dict:
     """Case result (schema spbench.results/1) from the reference and SP runs' outputs."""
     tol = TOLERANCES[case.dtype]
-    gn_tol = max(tol["grad"], ZERO_GRAD_NORM) if case.zero else tol["grad"]
+    gn_tol = max(tol["grad"], ZERO["grad_norm"]) if case.zero else tol["grad"]
+    dpo_tol = max(tol["loss"], ZERO["dpo"]) if case.zero else tol["loss"]
     rm, sm = ref["metrics"], sp["metrics"]
     failures = []
     loss_err = [rel(s["loss"], r["loss"]) for r, s in zip(rm, sm)]
@@ -153,8 +154,8 @@ def compare(case: Case, ref: dict, sp: dict) -> dict:
     dpo_err = None
     if case.stage == "dpo":
         dpo_err = max(rel(s[k], r[k]) if abs(r[k]) > 1e-12 else abs(s[k] - r[k]) for r, s in zip(rm, sm) for k in DPO_KEYS)
-        if not dpo_err <= tol["loss"]:
-            failures.append(f"dpo rewards/logps: max rel err {dpo_err:.3g} > {tol['loss']:.0e}")
+        if not dpo_err <= dpo_tol:
+            failures.append(f"dpo rewards/logps: max rel err {dpo_err:.3g} > {dpo_tol:.0e}")
     return {
         **case_fields(case), "passed": not failures, "error": None,
         "tolerance": {"loss": tol["loss"], "grad": tol["grad"]},
