@@ -129,6 +129,17 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30) if a != b else 0.0
 
 
+def dpo_error(case: Case, key: str, r: dict, s: dict) -> float:
+    """Relative error of one DPO quantity. Rewards β(π − ρ) are differences of near-equal log-probs
+    (0 at step 0), so they are measured against β·|log p|, the scale they are computed from.
+    Accuracies (a 0/1 average that flips when a margin is ~0) are compared only in float64."""
+    scale = abs(r[key])
+    if key.startswith("rewards/"):
+        beta = case.config.get("pref_beta", 0.1)
+        scale = max(scale, beta * max(abs(r["logps/chosen"]), abs(r["logps/rejected"])))
+    return abs(s[key] - r[key]) / scale if scale > 0 else abs(s[key] - r[key])
+
+
 def compare(case: Case, ref: dict, sp: dict) -> dict:
     """Case result (schema spbench.results/1) from the reference and SP runs' outputs."""
     tol = TOLERANCES[case.dtype]
@@ -153,7 +164,8 @@ def compare(case: Case, ref: dict, sp: dict) -> dict:
             failures.append(f"step-0 grad of {worst_param}: rel err {param_err:.3g} > {tol['grad']:.0e}")
     dpo_err = None
     if case.stage == "dpo":
-        dpo_err = max(rel(s[k], r[k]) if abs(r[k]) > 1e-12 else abs(s[k] - r[k]) for r, s in zip(rm, sm) for k in DPO_KEYS)
+        dpo_err = max(dpo_error(case, k, r, s) for r, s in zip(rm, sm) for k in DPO_KEYS
+                      if case.dtype == "float64" or k != "rewards/accuracies")
         if not dpo_err <= dpo_tol:
             failures.append(f"dpo rewards/logps: max rel err {dpo_err:.3g} > {dpo_tol:.0e}")
     return {
@@ -236,7 +248,21 @@ def register(subs) -> None:
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl", "gloo-cuda"], help="process-group backend")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a case's ranks are killed")
     p.add_argument("--json", action="store_true", help="print the results JSON path as a JSON line last")
+    p.add_argument("--noise-floor", metavar="DTYPE", help="instead: measure the gap between two SP-off runs that "
+                   "differ only in reduction order (batch 1 × accum 4 vs batch 2 × accum 2) and write it to --out")
     p.set_defaults(func=run)
+
+
+def noise_floor(dtype: str, steps: int = 3, model: str = "tiny") -> dict:
+    """Relative loss / grad-norm gaps between two SP-off runs of the same global batch that differ only
+    in how the batch is split (so only in reduction order): the floor a dtype's tolerance must clear."""
+    base = {"model_name_or_path": model, "dtype": dtype, "cutoff_len": 48, "max_samples": 16, "max_steps": steps,
+            "learning_rate": 1e-3, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    a = Trainer(from_dict({**base, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4})).train()
+    b = Trainer(from_dict({**base, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})).train()
+    return {"dtype": dtype, "model": model, "device": base["device"],
+            "loss_rel_gap": [rel(x["loss"], y["loss"]) for x, y in zip(a, b)],
+            "grad_norm_rel_gap": [rel(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b)]}
 
 
 def run(args) -> int:
@@ -244,6 +270,18 @@ def run(args) -> int:
 
     from .report import render
 
+    if args.noise_floor:
+        if args.noise_floor not in TOLERANCES:
+            raise UsageError(f"--noise-floor {args.noise_floor!r}: choose from {', '.join(TOLERANCES)}")
+        t0 = time.perf_counter()
+        doc = noise_floor(args.noise_floor, args.steps, args.model)
+        doc["provenance"] = provenance(" ".join(["spbench", *sys.argv[1:]]), "none", 1, 0, time.perf_counter() - t0)
+        path = Path(args.out) / f"noise-floor-{args.noise_floor}-{doc['device']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, doc)
+        print(f"noise floor {args.noise_floor} on {doc['device']}: loss gaps {doc['loss_rel_gap']}, "
+              f"grad-norm gaps {doc['grad_norm_rel_gap']} → {path}")
+        return 0
     if args.stage:
         suite = "adhoc"
         cases = expand({"stage": args.stage, "pref_loss": args.pref_loss if args.stage == "dpo" else None,
