@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     """One SFT or DPO run. Every field has a default; YAML keys are these field names."""
 
-    model_name_or_path: str = field(default="tiny", metadata={"doc": "preset name (see `spbench models`) or a local HF checkpoint directory"})
+    model_name_or_path: str = field(default="tiny", metadata={"doc": "preset name (`spbench models` lists them) or a local HF checkpoint directory"})
     stage: str = field(default="sft", metadata={"doc": "sft | dpo"})
     pref_loss: str = field(default="sigmoid", metadata={"doc": "dpo loss: sigmoid | ipo | simpo | hinge"})
     pref_beta: float = field(default=0.1, metadata={"doc": "dpo β (inverse temperature)"})

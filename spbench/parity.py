@@ -64,10 +64,10 @@ class Case:
     def world(self) -> int:
         return self.sp * self.dp
 
-    def train_config(self, sp_on: bool) -> TrainConfig:
+    def train_config(self, sp_on: bool, device: str = "cpu") -> TrainConfig:
         """The SP run's config, or (sp_on=False) the reference: SP 1, DP 1, grad accum dp × ga."""
         values = {"model_name_or_path": self.model, "stage": self.stage, "dtype": self.dtype, "packing": self.packing,
-                  "max_steps": self.steps, "device": "cpu", **self.config}
+                  "max_steps": self.steps, "device": device, **self.config}
         if self.pref_loss:
             values["pref_loss"] = self.pref_loss
         if sp_on:
@@ -185,8 +185,8 @@ def case_fields(case: Case) -> dict:
             "packing": case.packing, "model": case.model, "steps": case.steps, "zero": case.zero}
 
 
-def run_reference(case: Case) -> dict:
-    trainer = Trainer(case.train_config(sp_on=False))
+def run_reference(case: Case, device: str = "cpu") -> dict:
+    trainer = Trainer(case.train_config(sp_on=False, device=device))
     metrics = trainer.train(capture_grads=True)
     return {"metrics": metrics, "grads": {k: v.double() for k, v in trainer.step0_grads.items()}}
 
@@ -200,6 +200,7 @@ def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, lo
     """
     results: dict[str, dict] = {}
     refs = {} if refs is None else refs
+    device = "cpu" if backend == "gloo" else "cuda"  # nccl / gloo-cuda ranks hold CUDA tensors
     torch.set_num_threads(2)
     for world in sorted({c.world for c in cases}):
         group = [c for c in cases if c.world == world]
@@ -209,11 +210,12 @@ def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, lo
             for c in group:
                 t0 = time.perf_counter()
                 try:
-                    ref_cfg = c.train_config(sp_on=False)
+                    ref_cfg = c.train_config(sp_on=False, device=device)
                     key = repr(sorted(ref_cfg.to_dict().items()))
                     if key not in refs:
-                        refs[key] = run_reference(c)
-                    sp_out = pool.run(train_on_rank, c.train_config(sp_on=True).to_dict(), not c.zero, None, fault)[0]
+                        refs[key] = run_reference(c, device)
+                    sp_cfg = c.train_config(sp_on=True, device=device).to_dict()
+                    sp_out = pool.run(train_on_rank, sp_cfg, not c.zero, None, fault)[0]
                     res = compare(c, refs[key], sp_out)
                 except RankError as e:
                     res = {**case_fields(c), "passed": False, "error": str(e).splitlines()[0] + " (see stderr)",
