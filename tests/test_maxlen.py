@@ -19,13 +19,7 @@ from spbench.probe import ProbeSpec, SubprocessProbe, parser as probe_parser, _f
 SUITE = Path(__file__).resolve().parents[1] / "suites" / "maxlen-qwen2.5.toml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models run ~30x faster on one thread than on two contended ones (2-core CI boxes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def simulated_gpu(threshold: int, calls: list | None = None, flaky: dict | None = None):

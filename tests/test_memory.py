@@ -27,13 +27,7 @@ from runtime.models import build_model
 RTOL, ATOL = 1e-10, 1e-12  # float64: only summation-order rounding may differ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models run ~30x faster on one thread than on two contended ones (2-core CI boxes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
