@@ -30,3 +30,12 @@ def parity(session: nox.Session) -> None:
     """Run the default parity suite (suites/ci.toml: tiny model, CPU ranks, float64); report under reports/parity."""
     install(session)
     session.run("spbench", "parity", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """GPU check on one H100/H200 within a time budget, with the machine's own torch. Example: nox -s gpu -- --dry-run
+
+    Runs `spbench gpu-check` (attention, bf16 parity, plain vs ours probes with the memory model's error, one
+    maxlen probe); results in reports/gpu/. Needs the machine's CUDA torch, so no virtualenv is made."""
+    session.run("python", "-m", "spbench", "gpu-check", *session.posargs)

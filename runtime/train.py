@@ -20,7 +20,7 @@ import torch
 from .attention import SPAttention, resolve_ulysses, shard_plan
 from .comm import all_reduce_, sum_shards
 from .config import ConfigError, TrainConfig
-from .data import ByteTokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
+from .data import ByteTokenizer, DataError, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
 from .hf import SPBatch, register_sp_attention
 from .kernels import select_kernel
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
@@ -52,8 +52,8 @@ def preflight(cfg: TrainConfig, world: int) -> None:
     u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
                         m.num_key_value_heads, cfg.ulysses_degree)
     rank_grid(world, cfg.sequence_parallel_size, u)
-    if cfg.dataset != "synthetic":
-        read_jsonl(cfg.dataset, cfg.stage, ByteTokenizer())
+    if cfg.dataset != "synthetic" and not read_jsonl(cfg.dataset, cfg.stage, ByteTokenizer()):
+        raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
 
 
 def context_for(cfg: TrainConfig) -> ParallelContext:

@@ -11,11 +11,11 @@ from runtime.layout import LayoutError
 from runtime.models import ModelError
 from runtime.topology import TopologyError
 
-from . import attncmd, faults, gate, maxlen, modelscmd, parity, report, traincmd
+from . import attncmd, faults, gate, gpucheck, maxlen, modelscmd, parity, report, traincmd
 from .errors import UsageError
 from .launch import RankError
 
-SUBCOMMANDS = [traincmd, parity, faults, maxlen, attncmd, report, gate, modelscmd]
+SUBCOMMANDS = [traincmd, parity, faults, maxlen, attncmd, report, gate, modelscmd, gpucheck]
 # Input errors raised anywhere below a subcommand: one line, exit 2.
 INPUT_ERRORS = (UsageError, TopologyError, LayoutError, KernelError, ModelError, ConfigError, DataError)
 

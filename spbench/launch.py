@@ -58,6 +58,7 @@ def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threa
     dist.init_process_group(pg_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
     info = RankInfo(rank, world, backend, device)
+    outbox.put((rank, True, "ready"))
     while True:
         job = inbox.get()
         if job is None:
@@ -73,8 +74,9 @@ def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threa
 class RankPool:
     """`world` local ranks that run jobs until closed (use as a context manager)."""
 
-    def __init__(self, world: int, backend: str = "gloo", timeout: float = 300.0, threads: int | None = None):
-        self.world, self.backend, self.timeout = world, backend, timeout
+    def __init__(self, world: int, backend: str = "gloo", timeout: float = 300.0, threads: int | None = None,
+                 startup_timeout: float = 300.0):
+        self.world, self.backend, self.timeout, self.startup_timeout = world, backend, timeout, startup_timeout
         self.threads = threads or max(1, (os.cpu_count() or 1) // world)
         self._procs: list = []
 
@@ -90,6 +92,16 @@ class RankPool:
         ]
         for p in self._procs:
             p.start()
+        # Start-up (spawn, imports, rendezvous) does not count against a job's timeout.
+        ready, deadline = 0, time.monotonic() + self.startup_timeout
+        while ready < self.world:
+            try:
+                self._outbox.get(timeout=0.5)
+                ready += 1
+            except queue.Empty:
+                if any(p.exitcode is not None for p in self._procs) or time.monotonic() > deadline:
+                    raise RankError(self._failure_report("start-up", {}, grace=0.0)
+                                    + f" (ranks not ready after {self.startup_timeout:.0f} s?)")
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
         """fn(RankInfo, *args) on every rank → [result of rank 0, rank 1, ...]."""

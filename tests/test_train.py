@@ -48,7 +48,7 @@ def test_dpo_loss_equals_textbook_formula():
 
     with torch.no_grad():
         pc, pr = logp(t.model, chosen), logp(t.model, rejected)
-        rc, rr = logp(t.ref_model, chosen), logp(t.ref_model, rejected)
+        rc, rr = logp(t.ref_model.lm, chosen), logp(t.ref_model.lm, rejected)
     want = -math.log(1 / (1 + math.exp(-0.3 * ((pc - rc) - (pr - rr)))))
     assert t.step(0)["loss"] == pytest.approx(want, rel=1e-10)
 
@@ -115,9 +115,13 @@ def run_cli(*args):
     ("stage: sft\nsequence_parallel_mode: ulysses\nsequence_parallel_size: 3\n", "use method 'hybrid'"),
     ("stage: sft\ndataset: missing.jsonl\n", "neither 'synthetic' nor an existing .jsonl"),
     ("stage: [\n", "not valid YAML"),
+    ("stage: sft\nsequence_parallel_size: 2\n", "sp(2) does not divide world(3)"),
+    ("stage: sft\ndataset: EMPTY\n", "has no records"),
 ])
 def test_train_cli_bad_input_exits_2_with_one_line(tmp_path, yaml_text, msg):
     cfg = tmp_path / "c.yaml"
+    (tmp_path / "empty.jsonl").write_text("\n")
+    yaml_text = yaml_text.replace("EMPTY", str(tmp_path / "empty.jsonl"))
     cfg.write_text(yaml_text + f"output_dir: {tmp_path / 'out'}\ndevice: cpu\n")
     r = run_cli("train", str(cfg), "--nproc", "3")
     assert r.returncode == 2, r.stderr
