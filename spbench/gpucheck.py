@@ -325,7 +325,8 @@ def comparisons(records: list[dict]) -> list[dict]:
         row = {"model": model, "length": PROBE_LENGTH,
                **{v: {k: by[v].get(k) for k in keys} for v in VARIANTS if v in by}}
         rates = [by.get(v, {}).get("tokens_per_s") for v in ("ours", "plain")]
-        row["tokens_per_s_ratio"] = rates[0] / rates[1] if all(isinstance(x, (int, float)) and x for x in rates) else None
+        both = all(isinstance(x, (int, float)) and x > 0 for x in rates)
+        row["tokens_per_s_ratio"] = rates[0] / rates[1] if both else None
         rows.append(row)
     return rows
 
@@ -356,9 +357,9 @@ def detail(rec: dict) -> str:
         return f"kernel {rec['kernel']}, max rel err {_fmt(worst, '.1e')} (tol {_fmt(rec['tolerance'], '.0e')}){failed}"
     if kind == "parity" and "metrics" in rec:
         m = rec["metrics"]
-        return (f"max rel err: loss {_fmt(m.get('max_loss_rel_err'), '.1e')}, grad norm "
-                f"{_fmt(m.get('max_grad_norm_rel_err'), '.1e')}, param grad {_fmt(m.get('max_param_grad_rel_err'), '.1e')}"
-                f"{failed}")
+        return (f"max rel err: loss {_fmt(m.get('max_loss_rel_err'), '.1e')}, "
+                f"grad norm {_fmt(m.get('max_grad_norm_rel_err'), '.1e')}, "
+                f"param grad {_fmt(m.get('max_param_grad_rel_err'), '.1e')}{failed}")
     where = f" at length {rec['length']:,}" if kind == "maxlen" else ""
     if rec.get("probe_status") == "oom":
         return f"OOM{where} (predicted {rec['predicted_gib']:.1f} GiB)"
@@ -461,7 +462,7 @@ def run(args, *, runner: Runner | None = None, device: Callable[[], dict | None]
     if args.dry_run:
         print(f"gpu-check plan: {len(steps)} steps within {args.budget:g} s, GPU memory {gpu_mem:.1f} GiB ({source})")
         for i, s in enumerate(steps, 1):
-            pass
+            print(f"{i:>2}. {s.name:<28} timeout {s.timeout_s:>4.0f} s  {s.command}")
         return 0
     path = out / f"gpu-check-{stamp}.json"
     t0 = clock()
@@ -472,7 +473,9 @@ def run(args, *, runner: Runner | None = None, device: Callable[[], dict | None]
             print(f"gpu-check: [{i + 1}/{len(steps)}] {rec['name']} (timeout {rec['timeout_s']:.0f} s) ...",
                   end="", file=progress, flush=True)
             return
-        if rec["status"] != SKIPPED:
+        if rec["status"] == SKIPPED:
+            print(f"gpu-check: [{i + 1}/{len(steps)}] {rec['name']}: {SKIPPED}", file=progress, flush=True)
+        else:
             print(f" {rec['status']} ({rec['wall_s']:.1f} s)", file=progress, flush=True)
         records[i] = rec
         prov = provenance(_command(args), "cuda", 1, 0, wall_time_s=round(clock() - t0, 3))

@@ -74,9 +74,10 @@ class Case:
             values.update(sequence_parallel_size=self.sp, sequence_parallel_mode=self.method,
                           gradient_accumulation_steps=self.ga)
             if self.zero:
-                values["deepspeed"] = ZERO_CONFIGS[self.zero]
+                values.setdefault("deepspeed", ZERO_CONFIGS[self.zero])  # config may name another ZeRO file
         else:
             values.update(gradient_accumulation_steps=self.ga * self.dp)
+            values.pop("deepspeed", None)  # the reference is plain torch
         return from_dict(values, source=f"case {self.name}")
 
 
