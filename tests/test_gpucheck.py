@@ -156,7 +156,7 @@ def test_full_run_writes_the_document(tmp_path, capsys):
 
     attn = step(doc, "attention-hybrid")
     assert attn["kernel"] == "cudnn" and attn["max_rel_err"] == ATTN_ERR and attn["tolerance"] == 0.05
-    assert (attn["seq"], attn["heads"], attn["kv_heads"], attn["head_dim"], attn["dtype"]) == (8192, 28, 4, 128,
+    assert (attn["seq"], attn["heads"], attn["kv_heads"], attn["head_dim"], attn["dtype"]) == (4096, 28, 4, 128,
                                                                                              "bfloat16")
     parity = step(doc, "parity-sft-zigzag-sp2")
     assert parity["metrics"] == PARITY_CASE["metrics"] and parity["results"].endswith("adhoc.json")
@@ -177,7 +177,7 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     setup = memmodel.Setup("qwen2.5-0.5b", "sft", 1, H200["total_gib"], 1, 0, frozenset(), MemoryFeatures())
     max_len = memmodel.maxlen_for(setup, resolution=1024)
     m = step(doc, "maxlen-qwen2.5-0.5b")
-    assert m["predicted_max_len"] == max_len and m["length"] == int(max_len * 0.5) // 1024 * 1024
+    assert m["predicted_max_len"] == max_len and m["length"] == int(max_len * 0.1) // 1024 * 1024
     assert m["result"] == "success" and m["predicted_gib"] == pytest.approx(predicted("qwen2.5-0.5b", MemoryFeatures(),
                                                                                       m["length"]))
     assert m["model_error"] == pytest.approx(m["predicted_gib"] / 60.0 - 1)
@@ -350,9 +350,9 @@ def test_dry_run_lists_the_planned_commands_without_a_gpu(tmp_path, capsys):
     assert code == 0 and not (tmp_path / "out").exists()
     assert out[0] == "gpu-check plan: 9 steps within 540 s, GPU memory 139.0 GiB (default (H200))"
     assert [line.split()[1] for line in out[1:]] == NAMES
-    steps = gpucheck.build_plan(139.0, 0.5, (tmp_path / "out" / "parity-2026-11-30").resolve())
+    steps = gpucheck.build_plan(139.0, 0.1, (tmp_path / "out" / "parity-2026-11-30").resolve())
     assert [line.split("  ")[-1].strip() for line in out[1:]] == [s.command for s in steps]
-    assert "check-attention --method hybrid --sp 2 --heads 28 --kv-heads 4 --seq 8192 --head-dim 128 " \
+    assert "check-attention --method hybrid --sp 2 --heads 28 --kv-heads 4 --seq 4096 --head-dim 128 " \
            "--dtype bfloat16 --backend gloo-cuda" in out[3]
 
 
@@ -382,7 +382,7 @@ def test_a_gpu_too_small_for_any_length_is_bad_input(tmp_path):
 
 def test_subcommand_is_registered():
     args = cli.build_parser().parse_args(["gpu-check", "--budget", "60", "--only", "maxlen"])
-    assert args.func is gpucheck.run and args.budget == 60.0 and args.maxlen_fraction == 0.5
+    assert args.func is gpucheck.run and args.budget == 60.0 and args.maxlen_fraction == 0.1
 
 
 def test_nox_gpu_session_uses_the_machines_python_and_passes_posargs():
