@@ -40,6 +40,30 @@ class ByteTokenizer:
         return [b + 3 for b in text.encode("utf-8")]
 
 
+class CheckpointTokenizer:
+    """A local checkpoint's own tokenizer behind the ByteTokenizer interface (encode, pad_id, eos_id)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.eos_id is None:
+            raise DataError("the checkpoint's tokenizer has no eos token; set eos_token in tokenizer_config.json")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a local checkpoint dir when it ships one, else ByteTokenizer (presets, bare weights)."""
+    path = Path(name_or_path)
+    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return CheckpointTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    return ByteTokenizer()
+
+
 @dataclass
 class Doc:
     """One tokenised sequence: labels are IGNORE where not supervised (not yet shifted)."""

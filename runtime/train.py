@@ -20,7 +20,7 @@ import torch
 from .attention import SPAttention, resolve_ulysses, shard_plan
 from .comm import all_reduce_, sum_shards
 from .config import ConfigError, TrainConfig
-from .data import ByteTokenizer, DataError, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
+from .data import DataError, load_tokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
 from .hf import SPBatch, register_sp_attention
 from .kernels import select_kernel
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
@@ -52,7 +52,7 @@ def preflight(cfg: TrainConfig, world: int) -> None:
     u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
                         m.num_key_value_heads, cfg.ulysses_degree)
     rank_grid(world, cfg.sequence_parallel_size, u)
-    if cfg.dataset != "synthetic" and not read_jsonl(cfg.dataset, cfg.stage, ByteTokenizer()):
+    if cfg.dataset != "synthetic" and not read_jsonl(cfg.dataset, cfg.stage, load_tokenizer(cfg.model_name_or_path)):
         raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
 
 
@@ -135,6 +135,7 @@ class Trainer:
             self.ref_model = TokenLogProbs(self.ref_model, cfg.tiled_loss_chunk, offload=False)
         self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
                                      select_kernel(cfg.attention_kernel, self.device, self.dtype))
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path)
         self.schedule = self._schedule()
         self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -144,7 +145,7 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _schedule(self) -> StepSchedule:
-        cfg, tok = self.cfg, ByteTokenizer()
+        cfg, tok = self.cfg, self.tokenizer
         if cfg.dataset == "synthetic":
             records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, self.shapes.vocab, cfg.seed)
         else:
@@ -239,7 +240,7 @@ class Trainer:
         keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
         stats = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
         world = self.pc.grid.world
-        for mb in self.schedule.micro_batches(step, self.pc.dp_rank, ByteTokenizer.pad_id):
+        for mb in self.schedule.micro_batches(step, self.pc.dp_rank, self.tokenizer.pad_id):
             lb = shard_batch(mb, self._plan, self.pc.sp_rank, self.device)
             loss = self._micro_step(lb, mb.pairs, mb.num_slots, denom, stats)
             if self.engine is None:

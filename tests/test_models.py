@@ -20,3 +20,38 @@ def test_presets_have_the_public_parameter_counts(name, billions):
 def test_unknown_model_suggests_the_nearest_preset():
     with pytest.raises(ModelError, match="did you mean 'qwen2.5-7b'"):
         model_config("qwen2.5-7")
+
+
+def test_local_checkpoint_loads_its_weights_and_trains(tmp_path):
+    """A checkpoint dir (no hub): its weights load; without tokenizer files, text falls back to bytes."""
+    from runtime.config import from_dict
+    from runtime.data import ByteTokenizer
+    from runtime.train import Trainer
+
+    model = build_model("tiny", torch.float32, "sdpa", seed=5)
+    model.save_pretrained(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "say hello", "output": "hello world"}\n' * 4)
+    t = Trainer(from_dict({"model_name_or_path": str(tmp_path), "dataset": str(data), "dtype": "float32",
+                           "cutoff_len": 64, "max_steps": 1, "device": "cpu"}))
+    assert isinstance(t.tokenizer, ByteTokenizer)
+    assert t.schedule.units[0].docs[0].input_ids[:3] == [ord("s") + 3, ord("a") + 3, ord("y") + 3]
+    loaded = dict(t.model.named_parameters())
+    assert all(torch.equal(loaded[n], p) for n, p in model.named_parameters())
+    assert torch.isfinite(torch.tensor(t.step(0)["loss"]))
+
+
+def test_checkpoint_tokenizer_is_used_when_shipped(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from runtime.data import CheckpointTokenizer, load_tokenizer, read_jsonl
+
+    words = ["<pad>", "</s>", "<unk>", "say", "hello", "world"]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="</s>", pad_token="<pad>", unk_token="<unk>").save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, CheckpointTokenizer) and (tok.pad_id, tok.eos_id) == (0, 1)
+    (tmp_path / "d.jsonl").write_text('{"instruction": "say hello", "output": "hello world"}\n')
+    assert read_jsonl(str(tmp_path / "d.jsonl"), "sft", tok) == [{"prompt": [3, 4], "response": [4, 5]}]
