@@ -295,7 +295,9 @@ def loss_bytes(s: Setup, m: Shape, n: int) -> float:
     chunk = s.features.tiled_loss_chunk
     if chunk is None:
         return LOGITS_COPIES * 4 * m.vocab * n
-    return LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + 8 * n
+    # Tiled, the lm_head weight gradient (vocab × hidden, 2 B) exists from the first chunk's backward on, while
+    # chunks' logits are still alive (found by the CPU trace, spbench/memtrace.py; untiled it appears after).
+    return LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + 8 * n + 2 * m.vocab * m.hidden
 
 
 def sp_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
