@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .blockattn import LocalAttention, SeqMeta
-from .comm import AllToAll, CommCounter, group_rank, group_size
+from .comm import AllToAll, CommCounter, group_size
 from .kernels import Kernel
 from .topology import check_ulysses_heads
 

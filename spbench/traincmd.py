@@ -6,7 +6,6 @@ Spawns N local ranks (gloo on CPU, NCCL with one GPU per rank), or, under torchr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -42,14 +41,15 @@ class MetricsLog:
     """on_step callback of rank 0: append each step to metrics.jsonl and show progress."""
 
     def __init__(self, out: Path, total: int | None):
-        self.path, self.total, self.t0 = out / "metrics.jsonl", total, time.perf_counter()
-        self.tokens = 0
+        self.path, self.total = out / "metrics.jsonl", total
+        self.tokens, self.seconds = 0, 0.0  # supervised tokens and step time so far (rank start-up excluded)
         self.tty = sys.stderr.isatty()
 
     def __call__(self, m: dict) -> None:
         append_jsonl(self.path, m)
         self.tokens += m["tokens"] or 0
-        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.seconds += m["step_time_s"]
+        rate = self.tokens / max(self.seconds, 1e-9)
         of = f"/{self.total}" if self.total else ""
         line = f"step {m['step'] + 1}{of}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3g}  {rate:,.0f} tok/s"
         if self.tty or (m["step"] + 1) % 10 == 0 or m["step"] + 1 == self.total:  # quiet when not a TTY

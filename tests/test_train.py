@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.config import ConfigError, from_dict, load_config
-from runtime.data import DataError, LocalBatch, StepSchedule, build_units, collate, read_jsonl, ByteTokenizer
+from runtime.config import ConfigError, from_dict
+from runtime.data import ByteTokenizer, DataError, StepSchedule, build_units, collate, read_jsonl
 from runtime.losses import IGNORE, token_logprobs
 from runtime.train import Trainer
 
