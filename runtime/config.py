@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .attention import METHODS
 from .kernels import KERNELS
 from .losses import PREF_LOSSES
 
-DTYPES = ("float64", "float32", "bfloat16")
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULERS = ("constant", "linear", "cosine")
 
 

@@ -15,6 +15,7 @@ input [5, 6, 7, 8, 2], labels [−, −, 7, 8, 2] → targets [−, 7, 8, 2, −
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -244,6 +245,12 @@ def collate(units: list[Unit], pad_id: int) -> MicroBatch:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def epoch_order(seed: int, n: int, epoch: int) -> tuple[int, ...]:
+    """The row order of one epoch: a permutation of range(n) from (seed, epoch) alone (pure, memoised)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist())
+
+
 @dataclass
 class StepSchedule:
     """Which units each optimizer step uses and how they split over (dp, micro-batch)."""
@@ -267,14 +274,7 @@ class StepSchedule:
     def step_units(self, step: int) -> list[Unit]:
         """The global batch of optimizer step `step` (epoch permutations from the seed, concatenated)."""
         n, g = len(self.units), self.global_batch
-        perms: dict[int, torch.Tensor] = {}
-        out = []
-        for j in range(step * g, (step + 1) * g):
-            epoch, i = divmod(j, n)
-            if epoch not in perms:
-                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            out.append(self.units[int(perms[epoch][i])])
-        return out
+        return [self.units[epoch_order(self.seed, n, j // n)[j % n]] for j in range(step * g, (step + 1) * g)]
 
     def micro_batches(self, step: int, dp_rank: int, pad_id: int) -> list[MicroBatch]:
         """This dp rank's grad_accum micro-batches of step `step`."""
@@ -316,9 +316,7 @@ def shard_batch(mb: MicroBatch, plan_for, sp_rank: int, device: torch.device | s
     n = plan.total_len
     full_pos = torch.arange(n).expand(mb.input_ids.shape[0], n)
     position_ids = torch.where(torch.arange(n) < mb.seq_len, pad_to(mb.position_ids, n, 1, 0), full_pos)
-    meta = SeqMeta.build(plan, mb.seq_len, causal=True, doc_ids=mb.doc_ids if mb.packed else None)
-    if meta.doc_ids is not None:
-        meta = SeqMeta(plan, True, meta.doc_ids.to(device))
+    meta = SeqMeta.build(plan, mb.seq_len, causal=True, doc_ids=mb.doc_ids.to(device) if mb.packed else None)
 
     def take(x: torch.Tensor, value: int) -> torch.Tensor:
         return plan.shard(pad_to(x, n, 1, value), sp_rank).to(device)

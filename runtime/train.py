@@ -19,7 +19,7 @@ import torch
 
 from .attention import SPAttention, resolve_ulysses, shard_plan
 from .comm import all_reduce_, sum_shards
-from .config import ConfigError, TrainConfig
+from .config import DTYPES, ConfigError, TrainConfig
 from .data import DataError, load_tokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
 from .hf import SPBatch, register_sp_attention
 from .kernels import select_kernel
@@ -28,7 +28,6 @@ from .memory import apply_tiled_mlp, checkpoint_offload, enable_gradient_checkpo
 from .models import build_model, model_config
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
@@ -218,19 +217,14 @@ class Trainer:
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def _reduce_grads(self) -> None:
-        """Sum gradients over every rank (one flat all-reduce)."""
+        """Sum gradients over every rank, in place, one parameter at a time."""
         if self.pc.world_group is None or self.pc.grid.world == 1:
             return
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        all_reduce_(flat, self.pc.world_group)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # a rank whose shard never used p still joins the collective
+                    p.grad = torch.zeros_like(p)
+                all_reduce_(p.grad, self.pc.world_group)
 
     def step(self, step: int, capture_grads: bool = False) -> dict:
         """Run optimizer step `step`; returns its metrics (identical on every rank)."""

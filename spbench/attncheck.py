@@ -21,10 +21,11 @@ import torch
 
 from runtime.attention import SPAttention, resolve_ulysses, shard_plan
 from runtime.blockattn import SeqMeta
+from runtime.config import DTYPES
+from runtime.layout import pad_to
 from runtime.kernels import select_kernel
 from runtime.topology import build_parallel_context
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 5e-2}
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
@@ -118,7 +119,7 @@ def _run_cases(info, cases: list[AttnCase]) -> list[dict[str, torch.Tensor] | No
         plan = shard_plan(case.method, case.seq, case.sp, u)
         meta = SeqMeta.build(plan, case.seq, case.causal, case.doc_ids())
         full = {k: x.to(dtype) for k, x in make_inputs(case).items()}
-        local = {k: plan.shard(_pad(x, plan.total_len), pc.sp_rank, dim=2).to(info.device) for k, x in full.items()}
+        local = {k: plan.shard(pad_to(x, plan.total_len, 2, 0.0), pc.sp_rank, dim=2).to(info.device) for k, x in full.items()}
         q, k, v = (local[x].requires_grad_(True) for x in ("q", "k", "v"))
         attn = SPAttention(case.method, pc, select_kernel(case.kernel, q.device, dtype))
         out, lse = attn(q, k, v, meta, 1 / math.sqrt(case.head_dim), return_lse=True)
@@ -127,12 +128,6 @@ def _run_cases(info, cases: list[AttnCase]) -> list[dict[str, torch.Tensor] | No
         mine = {k: x.detach().cpu() for k, x in pieces.items()}
         results.append({**mine, "kernel": attn.kernel.name} if pc.dp_rank == 0 else None)
     return results
-
-
-def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Zero-pad dim 2 (sequence) to n tokens."""
-    extra = n - x.shape[2]
-    return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:2], extra, x.shape[3])], dim=2)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from runtime.memory import MemoryFeatures
 
 from . import memmodel
 from .errors import UsageError
+from .probe import last_json
 from .results import provenance, write_json_atomic
 
 SCHEMA = "spbench.gpu-check/1"
@@ -189,18 +190,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
-
-
-def last_json(text: str) -> dict | None:
-    """The last line of `text` that is a JSON object (the convention of every spbench --json output)."""
-    for line in reversed((text or "").strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    return None
 
 
 def model_error(predicted_gib: float | None, measured_gib: float | None) -> float | None:

@@ -50,7 +50,7 @@ def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threa
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = "cpu"
-    if backend == "nccl" or (backend == "gloo-cuda"):
+    if backend in ("nccl", "gloo-cuda"):
         local = rank % max(1, torch.cuda.device_count())
         torch.cuda.set_device(local)
         device = f"cuda:{local}"

@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from runtime.config import DTYPES
 from runtime.losses import preference_loss, sequence_sums, sft_loss, token_logprobs
 from runtime.memory import (
     AUTO,
@@ -54,7 +55,6 @@ from runtime.models import build_model
 
 SCHEMA = "spbench.memtrace/1"
 GiB = 2**30
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def available() -> str | None:

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.config import DTYPES
 from runtime.losses import IGNORE, preference_loss, sequence_sums, sft_loss, token_logprobs
 from runtime.memory import AUTO, MemoryFeatures, apply_tiled_mlp, forward_context, prepare_model, resolve_mlp_chunks
 from runtime.models import build_model
 
 SCHEMA = "spbench.probe/1"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 GiB = 2**30
 
 
@@ -220,7 +220,7 @@ class SubprocessProbe:
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "oom": False, "error": f"probe exceeded {self.timeout_s:g} s",
                     "wall_s": time.monotonic() - t0}
-        result = _last_json(proc.stdout)
+        result = last_json(proc.stdout)
         if result is None:
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or [""]
             result = {"status": "error", "oom": False, "error": f"exit {proc.returncode}, no JSON: {tail[0][:300]}"}
@@ -229,7 +229,8 @@ class SubprocessProbe:
         return result
 
 
-def _last_json(text: str) -> dict | None:
+def last_json(text: str) -> dict | None:
+    """The last line of `text` that is a JSON object (the convention of every spbench --json output)."""
     for line in reversed((text or "").strip().splitlines()):
         try:
             value = json.loads(line)
