@@ -5,7 +5,8 @@ Every strategy reduces to this: queries holding segments ``q_segs`` attend to ke
 either entirely visible (keys before queries), the causal diagonal (same segment), or
 invisible (keys after): so fast kernels run with plain ``is_causal`` flags and no O(s²)
 mask. Document ids (packing, or padding under a non-causal mask) add a bool mask only
-for pairs that actually mix documents.
+for pairs that actually mix documents, and kernels without masks (CUDA) split such a
+pair by document instead.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import KERNELS, Kernel
+from .kernels import Kernel
 from .layout import Segments, ShardPlan, pad_to
 
 
@@ -46,29 +47,31 @@ class SeqMeta:
         return cls(plan, causal, doc_ids)
 
 
-def pair_mask(meta: SeqMeta, qs: tuple[int, int], ks: tuple[int, int], device=None):
-    """How query segment `qs` sees key segment `ks`.
+def pair_kind(meta: SeqMeta, qs: tuple[int, int], ks: tuple[int, int]) -> tuple[bool, bool, bool]:
+    """How query segment `qs` sees key segment `ks`: (visible, causal, mixes documents).
 
-    Returns (visible, causal, mask): visible False → skip the pair; causal → diagonal
-    block; mask → bool [b, sq, sk] of same-document pairs, or None when not needed.
+    visible False → skip the pair; causal → diagonal block; mixes documents → a document
+    mask (`doc_mask`) or a split by document is needed.
     """
     if qs != ks and max(qs[0], ks[0]) < min(qs[1], ks[1]):
         raise ValueError(f"segments {qs} and {ks} partially overlap; layouts never produce that")
     diagonal = qs == ks
     if meta.causal and not diagonal and ks[0] >= qs[1]:
-        return False, False, None  # keys entirely after queries
+        return False, False, False  # keys entirely after queries
     causal = meta.causal and diagonal
     if meta.doc_ids is None:
-        return True, causal, None
+        return True, causal, False
     dq, dk = meta.doc_ids[:, qs[0] : qs[1]], meta.doc_ids[:, ks[0] : ks[1]]
-    if dq.min() == dq.max() == dk.min() == dk.max():
-        return True, causal, None  # one document on both sides
+    return True, causal, not bool(dq.min() == dq.max() == dk.min() == dk.max())
+
+
+def doc_mask(meta: SeqMeta, qs: tuple[int, int], ks: tuple[int, int], causal: bool, device=None) -> torch.Tensor:
+    """bool [b, sq, sk]: query and key in the same document (and, if causal, key not after query)."""
+    dq, dk = meta.doc_ids[:, qs[0] : qs[1]], meta.doc_ids[:, ks[0] : ks[1]]
     mask = dq[:, :, None] == dk[:, None, :]
     if causal:
         mask = mask & torch.ones(mask.shape[1:], dtype=torch.bool, device=mask.device).tril()
-    if not mask.any():
-        return False, False, None
-    return True, causal, mask.to(device) if device is not None else mask
+    return mask.to(device) if device is not None else mask
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor):
@@ -94,8 +97,42 @@ def _offsets(segs: Segments) -> list[tuple[tuple[int, int], slice]]:
     return res
 
 
-def _kernel_for(kernel: Kernel, mask) -> Kernel:
-    return kernel if mask is None or kernel.supports_mask else KERNELS["reference"]
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Runs of equal document id in a 1-d tensor: [(id, start, end)] with end exclusive."""
+    values, counts = torch.unique_consecutive(ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return [(v, e - c, e) for v, c, e in zip(values.tolist(), counts.tolist(), ends)]
+
+
+def _pieces(meta: SeqMeta, qs, ks, qi: slice, ki: slice, kernel: Kernel, device):
+    """Kernel calls that make up the pair (qs, ks): [(rows, q slice, k slice, causal, mask)].
+
+    A pair mixing documents is one masked call when the kernel takes masks. Otherwise it is
+    split into one mask-free call per (batch row, document) — documents are contiguous runs
+    of global positions, so within a pair each one is a full rectangle (keys before
+    queries, or bidirectional) or the causal diagonal of the same run. This keeps the fast
+    CUDA kernels (which take no mask) exact and O(s) in memory for packed sequences.
+    """
+    visible, causal, mixed = pair_kind(meta, qs, ks)
+    if not visible:
+        return []
+    if not mixed:
+        return [(slice(None), qi, ki, causal, None)]
+    if kernel.supports_mask:
+        mask = doc_mask(meta, qs, ks, causal, device)
+        return [(slice(None), qi, ki, causal, mask)] if mask.any() else []
+    pieces, batch = [], meta.doc_ids.shape[0]
+    for row in range(batch):
+        rows = slice(None) if batch == 1 else slice(row, row + 1)  # one id row may serve the whole batch
+        k_runs = _runs(meta.doc_ids[row, ks[0] : ks[1]])
+        for doc, qa, qb in _runs(meta.doc_ids[row, qs[0] : qs[1]]):
+            for kdoc, ka, kb in k_runs:
+                if kdoc != doc or (causal and ka >= qb):
+                    continue  # another document, or (diagonal pair) a later run of this one
+                same_run = causal and (ka, kb) == (qa, qb)
+                pieces.append((rows, slice(qi.start + qa, qi.start + qb),
+                               slice(ki.start + ka, ki.start + kb), same_run, None))
+    return pieces
 
 
 def block_forward(q, k, v, q_segs: Segments, k_segs: Segments, meta: SeqMeta, kernel: Kernel, scale: float):
@@ -106,13 +143,9 @@ def block_forward(q, k, v, q_segs: Segments, k_segs: Segments, meta: SeqMeta, ke
     lse = q.new_full((b, h, sq), float("-inf"), dtype=acc)
     for qs, qi in _offsets(q_segs):
         for ks, ki in _offsets(k_segs):
-            visible, causal, mask = pair_mask(meta, qs, ks, q.device)
-            if not visible:
-                continue
-            o, l = _kernel_for(kernel, mask).forward(
-                q[:, :, qi], k[:, :, ki], v[:, :, ki], causal=causal, mask=mask, scale=scale
-            )
-            out[:, :, qi], lse[:, :, qi] = merge(out[:, :, qi], lse[:, :, qi], o, l.to(acc))
+            for rows, qp, kp, causal, mask in _pieces(meta, qs, ks, qi, ki, kernel, q.device):
+                o, l = kernel.forward(q[rows, :, qp], k[rows, :, kp], v[rows, :, kp], causal=causal, mask=mask, scale=scale)
+                out[rows, :, qp], lse[rows, :, qp] = merge(out[rows, :, qp], lse[rows, :, qp], o, l.to(acc))
     return out, lse
 
 
@@ -124,17 +157,15 @@ def block_backward(dout, q, k, v, out, lse, q_segs: Segments, k_segs: Segments, 
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     for qs, qi in _offsets(q_segs):
         for ks, ki in _offsets(k_segs):
-            visible, causal, mask = pair_mask(meta, qs, ks, q.device)
-            if not visible:
-                continue
-            gq, gk, gv = _kernel_for(kernel, mask).backward(
-                dout[:, :, qi].contiguous(), q[:, :, qi].contiguous(), k[:, :, ki].contiguous(),
-                v[:, :, ki].contiguous(), out[:, :, qi].contiguous(), lse[:, :, qi].contiguous(),
-                causal=causal, mask=mask, scale=scale,
-            )
-            dq[:, :, qi] += gq
-            dk[:, :, ki] += gk
-            dv[:, :, ki] += gv
+            for rows, qp, kp, causal, mask in _pieces(meta, qs, ks, qi, ki, kernel, q.device):
+                gq, gk, gv = kernel.backward(
+                    dout[rows, :, qp].contiguous(), q[rows, :, qp].contiguous(), k[rows, :, kp].contiguous(),
+                    v[rows, :, kp].contiguous(), out[rows, :, qp].contiguous(), lse[rows, :, qp].contiguous(),
+                    causal=causal, mask=mask, scale=scale,
+                )
+                dq[rows, :, qp] += gq
+                dk[rows, :, kp] += gk
+                dv[rows, :, kp] += gv
     return dq, dk, dv
 
 

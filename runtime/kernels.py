@@ -12,9 +12,10 @@ P = exp(S − lse_global) are the true probabilities and the block's dq/dk/dv ar
 
 Kernels: ``reference`` (pure torch, any dtype, O(sq·sk) memory; the float64 oracle),
 ``cpu-flash`` (aten's CPU flash op: float64/32/bf16, masks), ``cuda-flash`` and
-``cuda-cudnn`` (SDPA's CUDA ops, 16-bit only, no masks: masked blocks fall back to
-``reference``). ``auto`` picks cuDNN on CUDA for 16-bit (601 vs 344 TFLOP/s for
-flash at 32k on H200, see DESIGN.md), cpu-flash on CPU, reference otherwise.
+``cuda-cudnn`` (SDPA's CUDA ops) and ``flash-attn`` (the flash-attn ≥ 2.7 package, when
+installed): 16-bit only, no masks — blockattn splits packed pairs by document for them.
+``auto`` picks cuDNN on CUDA for 16-bit (601 vs 344 TFLOP/s for flash at 32k on H200,
+see DESIGN.md), cpu-flash on CPU, reference otherwise.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ class Kernel:
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     supports_mask: bool
+
+
+class KernelError(ValueError):
+    """A kernel that does not exist or cannot run on this device/dtype."""
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -162,16 +167,49 @@ def cuda_cudnn_backward(dout, q, k, v, out, lse, *, causal: bool, mask=None, sca
     return dq, _fold_kv(dk, hkv), _fold_kv(dv, hkv)
 
 
+def _flash_attn_interface():
+    """flash-attn's low-level interface (forward/backward taking a given lse), imported on first use."""
+    try:
+        from flash_attn import flash_attn_interface
+    except ImportError as err:
+        raise KernelError(f"kernel 'flash-attn' needs the flash-attn package ({err}); "
+                          "pip install 'spbench[gpu]' on a CUDA machine, or use --kernel auto") from None
+    if not hasattr(flash_attn_interface, "_wrapped_flash_attn_forward"):
+        raise KernelError("kernel 'flash-attn' needs flash-attn >= 2.7 (its forward/backward ops changed then)")
+    return flash_attn_interface
+
+
+def flash_attn_forward(q, k, v, *, causal: bool, mask=None, scale: float):
+    # flash-attn works in [b, s, H, d] and handles GQA itself (kv heads dividing H).
+    fa = _flash_attn_interface()
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        raise KernelError(f"kernel 'flash-attn' needs a head dim that is a multiple of 8 and <= 256 (got {q.shape[-1]})")
+    out, lse, _, _ = fa._wrapped_flash_attn_forward(
+        q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+        0.0, scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+        alibi_slopes=None, return_softmax=False,
+    )
+    return out.transpose(1, 2), lse
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, *, causal: bool, mask=None, scale: float):
+    fa = _flash_attn_interface()
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+    fa._wrapped_flash_attn_backward(
+        dout.transpose(1, 2).contiguous(), qt, kt, vt, out.transpose(1, 2).contiguous(), lse.contiguous(),  # float32 for 16-bit q (module doc)
+        dq, dk, dv, 0.0, scale, causal, -1, -1, 0.0, None, False, None,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 KERNELS: dict[str, Kernel] = {
     "reference": Kernel("reference", reference_forward, reference_backward, supports_mask=True),
     "cpu-flash": Kernel("cpu-flash", cpu_flash_forward, cpu_flash_backward, supports_mask=True),
     "cuda-flash": Kernel("cuda-flash", cuda_flash_forward, cuda_flash_backward, supports_mask=False),
     "cuda-cudnn": Kernel("cuda-cudnn", cuda_cudnn_forward, cuda_cudnn_backward, supports_mask=False),
+    "flash-attn": Kernel("flash-attn", flash_attn_forward, flash_attn_backward, supports_mask=False),
 }
-
-
-class KernelError(ValueError):
-    """A kernel that does not exist or cannot run on this device/dtype."""
 
 
 def select_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Kernel:
@@ -184,8 +222,10 @@ def select_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Kernel
             name = "cpu-flash" if device.type == "cpu" else "reference"
     if name not in KERNELS:
         raise KernelError(f"unknown attention kernel {name!r}; choose from auto, {', '.join(KERNELS)}")
-    if name.startswith("cuda") and (device.type != "cuda" or not sixteen):
-        raise KernelError(f"kernel {name!r} needs CUDA tensors in bfloat16/float16 (got {device.type}, {dtype})")
+    if name == "flash-attn":
+        _flash_attn_interface()  # installed and recent enough, or one clear error now
+    if (name.startswith("cuda") or name == "flash-attn") and (device.type != "cuda" or not sixteen):
+        raise KernelError(f"kernel {name!r} needs CUDA tensors in bfloat16/float16 (got {device.type}, {dtype}); use auto to pick one that runs here")
     if name == "cpu-flash" and device.type != "cpu":
         raise KernelError(f"kernel 'cpu-flash' needs CPU tensors (got {device.type})")
     return KERNELS[name]

@@ -45,12 +45,18 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+def device_type(cfg: TrainConfig) -> str:
+    """"cuda" or "cpu": where the ranks of this run compute."""
+    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def preflight(cfg: TrainConfig, world: int) -> None:
     """Raise the input errors a run would hit, before any rank is spawned (one line each)."""
     m = model_config(cfg.model_name_or_path)
     u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
                         m.num_key_value_heads, cfg.ulysses_degree)
     rank_grid(world, cfg.sequence_parallel_size, u)
+    select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
     if cfg.dataset != "synthetic" and not read_jsonl(cfg.dataset, cfg.stage, load_tokenizer(cfg.model_name_or_path)):
         raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
 
@@ -109,7 +115,7 @@ class Trainer:
         if (grid.sp, grid.ulysses) != (sp, self.ulysses):
             raise TopologyError(f"process grid has sp={grid.sp}, ulysses={grid.ulysses} but the config needs "
                                 f"sp={sp}, ulysses={self.ulysses}; build the context with those degrees")
-        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = torch.device(device_type(cfg))
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES[cfg.dtype]

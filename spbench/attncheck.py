@@ -56,6 +56,9 @@ class AttnCase:
             raise ValueError(f"document lengths {self.docs} sum to {sum(self.docs)}, not seq={self.seq}")
         if min(self.sp, self.heads, self.kv_heads, self.seq, self.head_dim, self.batch) < 1:
             raise ValueError("sp, heads, kv_heads, seq, head_dim and batch must all be ≥ 1")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads({self.heads}) is not a multiple of kv_heads({self.kv_heads}); "
+                             "each kv head serves a whole group of query heads")
 
     def doc_ids(self) -> torch.Tensor | None:
         if not self.docs:

@@ -7,7 +7,7 @@ import json
 import torch
 
 from runtime.attention import METHODS, resolve_ulysses
-from runtime.kernels import KERNELS
+from runtime.kernels import KERNELS, select_kernel
 
 from .attncheck import DTYPES, AttnCase, compare, run_on_rank
 from .errors import UsageError
@@ -60,6 +60,7 @@ def run(args) -> int:
     backend = args.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= case.sp else "gloo"
+    select_kernel(case.kernel, torch.device("cpu" if backend == "gloo" else "cuda"), DTYPES[case.dtype])  # KernelError → one line
     print(f"check-attention: {case.method} sp={case.sp} heads={case.heads}/{case.kv_heads} seq={case.seq} "
           f"dtype={case.dtype} causal={case.causal} backend={backend}: spawning {case.sp} ranks ...", flush=True)
     with RankPool(case.sp, backend=backend, timeout=args.timeout) as pool:

@@ -1,4 +1,5 @@
 """Single-process checks of the local kernels, the block decomposition and the LSE merge."""
+import dataclasses
 import math
 
 import pytest
@@ -79,3 +80,33 @@ def test_select_kernel_auto_and_errors():
         select_kernel("nope", torch.device("cpu"), torch.float64)
     with pytest.raises(KernelError, match="needs CUDA"):
         select_kernel("cuda-cudnn", torch.device("cpu"), torch.bfloat16)
+
+
+MASKLESS = dataclasses.replace(KERNELS["cpu-flash"], supports_mask=False)  # takes the CUDA kernels' path
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("doc_rows", [
+    [[7, 1, 20, 12]],  # one id row for the whole batch
+    [[7, 1, 20, 12], [40], [3, 3, 30, 4]],  # a different packing per row; row 2 is one document
+])
+def test_maskless_kernel_splits_pairs_by_document_exactly(causal, doc_rows):
+    """Kernels without masks (CUDA) run packed pairs as one call per document; same result as the mask."""
+    seq, heads, scale = 40, 4, 1 / math.sqrt(8)
+    doc_ids = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in doc_rows])
+    plan = ShardPlan.for_length(seq, 2, 1, zigzag=True)
+    meta = SeqMeta.build(plan, seq, causal=causal, doc_ids=doc_ids)
+    q_segs = plan.segments(0)
+    k_segs = tuple(s for r in range(2) for s in plan.segments(r))
+    g = torch.Generator().manual_seed(3)
+    b = 3
+    q = torch.randn(b, heads, plan.local_len, 8, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(b, 2, plan.total_len, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=g)
+    results = {}
+    for kernel in (KERNELS["reference"], MASKLESS):
+        out, lse = block_forward(q, k, v, q_segs, k_segs, meta, kernel, scale)
+        results[kernel.supports_mask] = (out, lse, *block_backward(dout, q, k, v, out, lse, q_segs, k_segs, meta, kernel, scale))
+    for name, want, got in zip(("out", "lse", "dq", "dk", "dv"), results[True], results[False]):
+        assert torch.allclose(got, want, atol=1e-12, rtol=0), name
+    assert torch.isfinite(results[True][1]).any()

@@ -117,6 +117,7 @@ def run_cli(*args):
     ("stage: [\n", "not valid YAML"),
     ("stage: sft\nsequence_parallel_size: 2\n", "sp(2) does not divide world(3)"),
     ("stage: sft\ndataset: EMPTY\n", "has no records"),
+    ("stage: sft\nattention_kernel: cuda-cudnn\n", "needs CUDA tensors"),
 ])
 def test_train_cli_bad_input_exits_2_with_one_line(tmp_path, yaml_text, msg):
     cfg = tmp_path / "c.yaml"
