@@ -135,37 +135,62 @@ def _pieces(meta: SeqMeta, qs, ks, qi: slice, ki: slice, kernel: Kernel, device)
     return pieces
 
 
+def _all_pieces(q_segs: Segments, k_segs: Segments, meta: SeqMeta, kernel: Kernel, device) -> list:
+    return [piece for qs, qi in _offsets(q_segs) for ks, ki in _offsets(k_segs)
+            for piece in _pieces(meta, qs, ks, qi, ki, kernel, device)]
+
+
+def _single_call(pieces: list, sq: int, sk: int):
+    """The (causal, mask) of the one kernel call covering every query and key, or None."""
+    if len(pieces) != 1:
+        return None
+    rows, qp, kp, causal, mask = pieces[0]
+    whole = rows == slice(None) and (qp.start, qp.stop) == (0, sq) and (kp.start, kp.stop) == (0, sk)
+    return (causal, mask) if whole else None
+
+
 def block_forward(q, k, v, q_segs: Segments, k_segs: Segments, meta: SeqMeta, kernel: Kernel, scale: float):
-    """(out [b,H,sq,d] float32/64, lse [b,H,sq]) of queries `q_segs` over keys `k_segs`."""
+    """(out [b,H,sq,d], lse [b,H,sq]) of queries `q_segs` over keys `k_segs`.
+
+    lse is float32/64; out is too, except when one kernel call covers the block: then it is the kernel's own
+    output (q's dtype) — no merge and no float32 copy, which matters at long lengths (SP off, one ring block).
+    """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, sq, d = q.shape
+    pieces = _all_pieces(q_segs, k_segs, meta, kernel, q.device)
+    single = _single_call(pieces, sq, k.shape[2])
+    if single is not None:
+        o, l = kernel.forward(q, k, v, causal=single[0], mask=single[1], scale=scale)
+        return o, l.to(acc)
     out = q.new_zeros((b, h, sq, d), dtype=acc)
     lse = q.new_full((b, h, sq), float("-inf"), dtype=acc)
-    for qs, qi in _offsets(q_segs):
-        for ks, ki in _offsets(k_segs):
-            for rows, qp, kp, causal, mask in _pieces(meta, qs, ks, qi, ki, kernel, q.device):
-                o, l = kernel.forward(q[rows, :, qp], k[rows, :, kp], v[rows, :, kp], causal=causal, mask=mask, scale=scale)
-                out[rows, :, qp], lse[rows, :, qp] = merge(out[rows, :, qp], lse[rows, :, qp], o, l.to(acc))
+    for rows, qp, kp, causal, mask in pieces:
+        o, l = kernel.forward(q[rows, :, qp], k[rows, :, kp], v[rows, :, kp], causal=causal, mask=mask, scale=scale)
+        out[rows, :, qp], lse[rows, :, qp] = merge(out[rows, :, qp], lse[rows, :, qp], o, l.to(acc))
     return out, lse
 
 
 def block_backward(dout, q, k, v, out, lse, q_segs: Segments, k_segs: Segments, meta: SeqMeta, kernel: Kernel, scale: float):
-    """(dq, dk, dv) of this block given the *final* out and lse of the queries."""
+    """(dq, dk, dv) of this block given the *final* out and lse of the queries (float32/64, or the kernel's own
+    dtype when one call covers the block, as in block_forward)."""
+    pieces = _all_pieces(q_segs, k_segs, meta, kernel, q.device)
+    single = _single_call(pieces, q.shape[2], k.shape[2])
+    if single is not None:
+        return kernel.backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+                               lse.contiguous(), causal=single[0], mask=single[1], scale=scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    for qs, qi in _offsets(q_segs):
-        for ks, ki in _offsets(k_segs):
-            for rows, qp, kp, causal, mask in _pieces(meta, qs, ks, qi, ki, kernel, q.device):
-                gq, gk, gv = kernel.backward(
-                    dout[rows, :, qp].contiguous(), q[rows, :, qp].contiguous(), k[rows, :, kp].contiguous(),
-                    v[rows, :, kp].contiguous(), out[rows, :, qp].contiguous(), lse[rows, :, qp].contiguous(),
-                    causal=causal, mask=mask, scale=scale,
-                )
-                dq[rows, :, qp] += gq
-                dk[rows, :, kp] += gk
-                dv[rows, :, kp] += gv
+    for rows, qp, kp, causal, mask in pieces:
+        gq, gk, gv = kernel.backward(
+            dout[rows, :, qp].contiguous(), q[rows, :, qp].contiguous(), k[rows, :, kp].contiguous(),
+            v[rows, :, kp].contiguous(), out[rows, :, qp].contiguous(), lse[rows, :, qp].contiguous(),
+            causal=causal, mask=mask, scale=scale,
+        )
+        dq[rows, :, qp] += gq
+        dk[rows, :, kp] += gk
+        dv[rows, :, kp] += gv
     return dq, dk, dv
 
 

@@ -1,16 +1,21 @@
 """`python -m spbench.probe`: one full training step of a preset at one length on one GPU; one JSON line out.
 
-The step is what `spbench maxlen` searches over: build the preset in bf16 (random weights, SDPA), apply the
-memory features (runtime/memory.py) and gradient checkpointing, run forward, backward and an AdamW step of
+The step is what `spbench maxlen` searches over: build the preset in bf16 (random weights; attention through
+the spbench runtime at SP 1 with the fastest kernel — cuDNN on CUDA — or, with --attention sdpa, transformers'
+own SDPA as a plain setup uses), apply the memory features (runtime/memory.py) and gradient checkpointing, run forward, backward and an AdamW step of
 SFT, or of DPO (chosen + rejected rows, and a frozen reference model's forward under no_grad), on random
 tokens of the given length. AdamW's states are created before the measured step (a step on zero gradients),
-so the peak is that of a run's steady state (step ≥ 2), the regime the memory model predicts.
+so the peak is that of a run's steady state (step ≥ 2), the regime the memory model predicts. With --steps N
+the step runs N times: the peak covers all of them, step_s and tokens_per_s time the last one only (the first
+call of a shape pays one-off costs: kernel plans, allocator growth).
 
 Printed (last stdout line): {"schema": "spbench.probe/1", "status": "ok"|"oom"|"error", "oom", "peak_gib"
 (torch.cuda.max_memory_allocated), "reserved_gib", "nvml_peak_used_gib" (pynvml, sampled; null without it),
+"static_gib" (allocated before the step: weights, AdamW states, inputs),
 "step_s", "tokens_per_s", "loss", ...}. An OOM exits 0 with "oom": true; any other failure exits 1.
 
     python -m spbench.probe --model qwen2.5-0.5b --stage sft --length 65536
+    python -m spbench.probe --model qwen2.5-7b --length 32768 --attention sdpa --loss-chunk none --mlp-chunks none --steps 2
     python -m spbench.probe --model tiny --length 256 --device cpu --dtype float32     # CPU smoke run
 """
 from __future__ import annotations
@@ -26,18 +31,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.attention import SPAttention
+from runtime.blockattn import SeqMeta
 from runtime.config import DTYPES
+from runtime.hf import SPBatch, register_sp_attention
+from runtime.kernels import select_kernel
+from runtime.layout import ShardPlan
 from runtime.losses import IGNORE, preference_loss, sequence_sums, sft_loss, token_logprobs
 from runtime.memory import AUTO, MemoryFeatures, apply_tiled_mlp, forward_context, prepare_model, resolve_mlp_chunks
 from runtime.models import build_model
+from runtime.topology import single_process_context
 
 SCHEMA = "spbench.probe/1"
 GiB = 2**30
+ATTENTION = ("spbench", "sdpa")
 
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """One probe: model preset, stage, tokens per sequence, memory features, optional memory cap (GiB)."""
+    """One probe: model preset, stage, tokens per sequence, memory features, optional memory cap (GiB),
+    attention ("spbench": the runtime's, "sdpa": transformers'), and how many steps run (the last is timed)."""
 
     model: str
     stage: str
@@ -45,24 +58,34 @@ class ProbeSpec:
     features: MemoryFeatures = field(default_factory=MemoryFeatures)
     gpu_mem_gib: float | None = None
     seed: int = 0
+    attention: str = "spbench"
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION)}")
+        if self.steps < 1 or self.length < 1:
+            raise ValueError(f"steps ({self.steps}) and length ({self.length}) must be ≥ 1")
 
     @property
     def rows(self) -> int:
         return 2 if self.stage == "dpo" else 1
 
 
-def training_step(model, ref, optimizer, ids: torch.Tensor, targets: torch.Tensor, features: MemoryFeatures):
+def training_step(model, ref, optimizer, ids: torch.Tensor, targets: torch.Tensor, features: MemoryFeatures,
+                  **model_kwargs):
     """One full step on ids/targets [rows, s]: SFT (ref None) or DPO (rows = chosen, rejected).
+    `model_kwargs` go to every decoder call (sp_batch for the spbench attention).
 
     Returns (loss, OffloadStats of the decoder forward: what checkpoint offload moved to CPU)."""
     chunk = features.tiled_loss_chunk
     if ref is not None:  # reference log-probs first, as DPO trainers precompute them: nothing stored
         with torch.no_grad():
-            ref_hidden = ref.model(input_ids=ids).last_hidden_state  # [2, s, h]
+            ref_hidden = ref.model(input_ids=ids, **model_kwargs).last_hidden_state  # [2, s, h]
             ref_sums, _ = sequence_sums(token_logprobs(ref_hidden, ref.lm_head, targets, chunk), targets)
             del ref_hidden
     with forward_context(features) as offload:
-        hidden = model.model(input_ids=ids).last_hidden_state  # [rows, s, h]
+        hidden = model.model(input_ids=ids, **model_kwargs).last_hidden_state  # [rows, s, h]
     logp = token_logprobs(hidden, model.lm_head, targets, chunk_tokens=chunk)  # [rows, s]
     if ref is None:
         loss = sft_loss(logp, targets, int((targets != IGNORE).sum()))
@@ -142,9 +165,16 @@ def run_probe(spec: ProbeSpec, device: str = "cuda", dtype: torch.dtype = torch.
         if cap < total:
             torch.cuda.set_per_process_memory_fraction(cap / total, dev)
         info["gpu_mem_gib"] = cap
+    attn_impl = register_sp_attention() if spec.attention == "spbench" else "sdpa"
     with torch.device(dev):
-        model = build_model(spec.model, dtype, "sdpa", seed=spec.seed)
-        ref = build_model(spec.model, dtype, "sdpa", seed=spec.seed) if spec.stage == "dpo" else None
+        model = build_model(spec.model, dtype, attn_impl, seed=spec.seed)
+        ref = build_model(spec.model, dtype, attn_impl, seed=spec.seed) if spec.stage == "dpo" else None
+    kwargs = {}
+    if spec.attention == "spbench":  # SP 1: one local attention over the whole sequence, fastest kernel
+        attention = SPAttention("ring", single_process_context(), select_kernel("auto", dev, dtype))
+        meta = SeqMeta.build(ShardPlan.for_length(spec.length, 1, 1, zigzag=False), spec.length, causal=True)
+        kwargs["sp_batch"] = SPBatch(attention, meta)
+        info["kernel"] = attention.kernel.name
     model.train()
     hidden_size = model.config.hidden_size
     prepare_model(model, spec.features, spec.rows * spec.length, hidden_size)
@@ -162,16 +192,18 @@ def run_probe(spec: ProbeSpec, device: str = "cuda", dtype: torch.dtype = torch.
     if cuda:
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
+        info["static_gib"] = torch.cuda.memory_allocated(dev) / GiB  # weights, optimizer states, inputs
     nvml = NvmlPeak(_nvml_index()) if cuda else None
-    t0 = time.perf_counter()
     with nvml or contextlib.nullcontext():
-        loss, offload = training_step(model, ref, optimizer, ids, targets, spec.features)
-        if cuda:
-            torch.cuda.synchronize(dev)
-    step_s = time.perf_counter() - t0
+        for _ in range(spec.steps):
+            t0 = time.perf_counter()
+            loss, offload = training_step(model, ref, optimizer, ids, targets, spec.features, **kwargs)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            step_s = time.perf_counter() - t0
     tokens = spec.rows * spec.length
     info.update(
-        status="ok", oom=False, loss=loss, step_s=step_s, tokens=tokens, tokens_per_s=tokens / step_s,
+        status="ok", oom=False, loss=loss, attention=spec.attention, steps=spec.steps, step_s=step_s, tokens=tokens, tokens_per_s=tokens / step_s,
         peak_gib=torch.cuda.max_memory_allocated(dev) / GiB if cuda else None,
         reserved_gib=torch.cuda.max_memory_reserved(dev) / GiB if cuda else None,
         nvml_peak_used_gib=nvml.peak_gib if nvml else None,
@@ -261,6 +293,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="cap this process's GPU memory (GiB)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", choices=ATTENTION, default="spbench",
+                   help="spbench: the runtime's attention (SP 1, kernel auto); sdpa: transformers' own (default spbench)")
+    p.add_argument("--steps", type=int, default=1, help="steps to run; the last one is timed (default 1)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     return p
@@ -270,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     head = {"schema": SCHEMA, "model": args.model, "stage": args.stage, "length": args.length}
     try:
-        spec = ProbeSpec(args.model, args.stage, args.length, _features(args), args.gpu_mem_gib, args.seed)
+        spec = ProbeSpec(args.model, args.stage, args.length, _features(args), args.gpu_mem_gib, args.seed,
+                         args.attention, args.steps)
         out = {**head, **run_probe(spec, args.device, DTYPES[args.dtype]), "features": spec.features.to_json()}
         code = 0
     except Exception as e:  # noqa: BLE001 — every failure becomes one JSON line; the search records it

@@ -16,22 +16,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.memory import MemoryFeatures
-from spbench import cli, gpucheck, memmodel
+from spbench import cli, gpucheck, gpuplan, gpuresults, memmodel
 from spbench.errors import UsageError
-from spbench.gpucheck import Completed
+from spbench.gpuresults import Completed
 
 GiB = 2**30
 NOW = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
 H200 = {"name": "NVIDIA H200", "total_gib": 139.8, "count": 1}
 PROV = {"git_sha": "cafe1234", "command": "stub"}
-PEAKS = {"qwen2.5-0.5b-plain": 31.0, "qwen2.5-0.5b-ours": 6.0, "qwen2.5-7b-plain": 75.0, "qwen2.5-7b-ours": 70.0,
-         "maxlen": 60.0}
-RATES = {"qwen2.5-0.5b-plain": 40_000.0, "qwen2.5-0.5b-ours": 50_000.0, "qwen2.5-7b-plain": 6_000.0,
-         "qwen2.5-7b-ours": 7_500.0, "maxlen": 9_000.0}
+PEAKS = {"qwen2.5-0.5b-plain-32k": 60.0, "qwen2.5-0.5b-ours-32k": 8.0, "qwen2.5-7b-plain-16k": 74.0,
+         "qwen2.5-7b-ours-16k": 66.0, "qwen2.5-7b-plain-32k": 105.0, "qwen2.5-7b-ours-32k": 69.0, "maxlen": 60.0}
+RATES = {"qwen2.5-0.5b-plain-32k": 40_000.0, "qwen2.5-0.5b-ours-32k": 50_000.0, "qwen2.5-7b-plain-16k": 7_000.0,
+         "qwen2.5-7b-ours-16k": 8_000.0, "qwen2.5-7b-plain-32k": 6_000.0, "qwen2.5-7b-ours-32k": 7_500.0,
+         "maxlen": 9_000.0}
+PROBE_KEYS = [f"{m}-{v}-{n // 1024}k" for m, n in gpuplan.PROBES for v in ("plain", "ours")]
 ATTN_ERR = {"out": 3e-3, "lse": 1e-4, "dq": 8e-3, "dk": 6e-3, "dv": 5e-3}
 NAMES = ["attention-zigzag", "attention-ulysses", "attention-hybrid", "parity-sft-zigzag-sp2",
-         "probe-qwen2.5-0.5b-plain-16k", "probe-qwen2.5-0.5b-ours-16k", "probe-qwen2.5-7b-plain-16k",
-         "probe-qwen2.5-7b-ours-16k", "maxlen-qwen2.5-0.5b"]
+         *(f"probe-{k}" for k in PROBE_KEYS), "maxlen-qwen2.5-0.5b"]
+KEYS = ["attention-zigzag", "attention-ulysses", "attention-hybrid", "parity", *PROBE_KEYS, "maxlen"]
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +51,15 @@ def _flag(argv: list[str], name: str) -> str:
 
 
 def key_of(argv: list[str]) -> str:
-    """Which planned step a command is: attention-<method>, parity, <model>-<variant> or maxlen."""
+    """Which planned step a command is: attention-<method>, parity, <model>-<variant>-<n>k or maxlen."""
     if "check-attention" in argv:
         return f"attention-{_flag(argv, '--method')}"
     if "parity" in argv:
         return "parity"
-    if int(_flag(argv, "--length")) != gpucheck.PROBE_LENGTH:
+    model, length = _flag(argv, "--model"), int(_flag(argv, "--length"))
+    if (model, length) not in gpuplan.PROBES:
         return "maxlen"
-    return f"{_flag(argv, '--model')}-{'plain' if _flag(argv, '--loss-chunk') == 'none' else 'ours'}"
+    return f"{model}-{'plain' if _flag(argv, '--attention') == 'sdpa' else 'ours'}-{length // 1024}k"
 
 
 def ok_json(doc: dict, rc: int = 0, wall: float = 0.0) -> Completed:
@@ -151,7 +154,7 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     assert doc["final"] is True and doc["provenance"] == PROV and doc["device"] == H200
     assert [s["name"] for s in doc["steps"]] == NAMES
     assert all(s["status"] == "passed" for s in doc["steps"])
-    assert doc["summary"] == {"executed": 9, "passed": 9, "failed": [], "skipped": []}
+    assert doc["summary"] == {"executed": 11, "passed": 11, "failed": [], "skipped": []}
     assert doc["settings"]["gpu_mem_gib"] == H200["total_gib"] and doc["settings"]["gpu_mem_source"] == "device"
 
     attn = step(doc, "attention-hybrid")
@@ -161,18 +164,27 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     parity = step(doc, "parity-sft-zigzag-sp2")
     assert parity["metrics"] == PARITY_CASE["metrics"] and parity["results"].endswith("adhoc.json")
 
-    for model in gpucheck.PROBE_MODELS:
+    for model, length in gpuplan.PROBES:
         for variant, features in (("plain", MemoryFeatures.plain()), ("ours", MemoryFeatures())):
-            rec = step(doc, f"probe-{model}-{variant}-16k")
-            peak, pred = PEAKS[f"{model}-{variant}"], predicted(model, features, 16384)
+            key = f"{model}-{variant}-{length // 1024}k"
+            rec = step(doc, f"probe-{key}")
+            peak, pred = PEAKS[key], predicted(model, features, length)
             assert rec["peak_gib"] == peak and rec["predicted_gib"] == pytest.approx(pred, rel=1e-12)
             assert rec["model_error"] == pytest.approx(pred / peak - 1, rel=1e-12)
             assert rec["model_error_within_goal"] == (abs(pred / peak - 1) <= 0.10)
-            assert rec["bytes_per_token"] == pytest.approx(peak * GiB / 16384)
+            assert rec["bytes_per_token"] == pytest.approx(peak * GiB / length)
             assert rec["bytes_per_token_basis"] == "peak / tokens"
-            assert rec["tokens_per_s"] == RATES[f"{model}-{variant}"]
-    ratios = {c["model"]: c["tokens_per_s_ratio"] for c in doc["comparisons"]}
-    assert ratios == pytest.approx({"qwen2.5-0.5b": 50_000 / 40_000, "qwen2.5-7b": 7_500 / 6_000})
+            assert rec["tokens_per_s"] == RATES[key] and rec["steps"] == 2
+            assert rec["attention"] == ("sdpa" if variant == "plain" else "spbench")
+    comp = {c["model"]: c for c in doc["comparisons"]}
+    assert {m: c["tokens_per_s_ratio"] for m, c in comp.items()} == pytest.approx(
+        {"qwen2.5-0.5b": 50_000 / 40_000, "qwen2.5-7b": 7_500 / 6_000})
+    assert comp["qwen2.5-7b"]["tokens_per_s_goal_met"] is True and comp["qwen2.5-0.5b"]["tokens_per_s_goal_met"] is True
+    slopes = comp["qwen2.5-7b"]["activation_mb_per_token"]  # (peak 32k − peak 16k) / 16,384 tokens
+    assert slopes == pytest.approx({"plain": 31.0 * GiB / 16384 / 1e6, "ours": 3.0 * GiB / 16384 / 1e6})
+    assert comp["qwen2.5-7b"]["activation_goal_met"] is True  # 0.197 MB ≤ 0.3
+    assert comp["qwen2.5-0.5b"]["activation_mb_per_token"] == {"plain": None, "ours": None}
+    assert comp["qwen2.5-0.5b"]["activation_goal_met"] is None  # one length: no slope
 
     setup = memmodel.Setup("qwen2.5-0.5b", "sft", 1, H200["total_gib"], 1, 0, frozenset(), MemoryFeatures())
     max_len = memmodel.maxlen_for(setup, resolution=1024)
@@ -185,22 +197,28 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     argv = {key: a for key, a, _ in gpu.calls}
     assert _flag(argv["maxlen"], "--length") == str(m["length"])
     assert "--gpu-mem-gib" not in argv["maxlen"]  # the device's own memory: no cap
-    assert argv["qwen2.5-7b-plain"][-4:] == ["--loss-chunk", "none", "--mlp-chunks", "none"]
-    assert argv["qwen2.5-7b-ours"][-4:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto"]
+    assert argv["qwen2.5-7b-plain-32k"][-8:] == ["--loss-chunk", "none", "--mlp-chunks", "none", "--attention", "sdpa",
+                                                 "--steps", "2"]
+    assert argv["qwen2.5-7b-ours-32k"][-8:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto", "--attention",
+                                                "spbench", "--steps", "2"]
+    assert _flag(argv["maxlen"], "--attention") == "spbench" and _flag(argv["maxlen"], "--steps") == "1"
     assert {_flag(argv[f"attention-{x}"], "--backend") for x in ("zigzag", "ulysses", "hybrid")} == {"gloo-cuda"}
     assert [_flag(argv["parity"], f) for f in ("--stage", "--method", "--sp", "--dtype", "--steps", "--backend")] == \
         ["sft", "zigzag", "2", "bfloat16", "3", "gloo-cuda"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check-2026-11-30.json", "parity-2026-11-30"]
 
     out = capsys.readouterr().out
-    assert "PASSED: 9/9 executed checks passed" in out and "ours / plain tokens/s = 1.25" in out
+    assert "PASSED: 11/11 executed checks passed" in out
+    assert "qwen2.5-7b at 32,768: ours / plain tokens/s = 1.25 (goal >= 1.2: met)" in out
+    assert "qwen2.5-7b activation MB/token (16,384 -> 32,768 slope): plain 2.032, ours 0.197 (goal ours <= 0.3: met)" \
+        in out
     assert "kernel cudnn, max rel err 8.0e-03" in out
 
 
 def test_static_memory_is_subtracted_when_the_probe_reports_it(tmp_path):
     probe = {"schema": "spbench.probe/1", "status": "ok", "peak_gib": 70.0, "static_gib": 66.0, "tokens": 16384,
              "tokens_per_s": 7000.0}
-    code, doc = run_fake(tmp_path, FakeGpu(answers={"qwen2.5-7b-ours": ok_json(probe)}), "--only", "probes")
+    code, doc = run_fake(tmp_path, FakeGpu(answers={"qwen2.5-7b-ours-16k": ok_json(probe)}), "--only", "probes")
     rec = step(doc, "probe-qwen2.5-7b-ours-16k")
     assert code == 0 and rec["bytes_per_token"] == pytest.approx(4.0 * GiB / 16384)
     assert rec["bytes_per_token_basis"] == "(peak - static) / tokens"
@@ -211,7 +229,7 @@ def test_gpu_mem_flag_sets_the_model_and_caps_the_probes(tmp_path):
     gpu = FakeGpu()
     code, doc = run_fake(tmp_path, gpu, "--gpu-mem", "80", "--only", "probes,maxlen")
     assert code == 0 and doc["settings"]["gpu_mem_source"] == "--gpu-mem"
-    assert all(_flag(argv, "--gpu-mem-gib") == "80" for _, argv, _ in gpu.calls) and len(gpu.calls) == 5
+    assert all(_flag(argv, "--gpu-mem-gib") == "80" for _, argv, _ in gpu.calls) and len(gpu.calls) == 7
     m = step(doc, "maxlen-qwen2.5-0.5b")
     setup = memmodel.Setup("qwen2.5-0.5b", "sft", 1, 80.0, 1, 0, frozenset(), MemoryFeatures())
     assert m["predicted_max_len"] == memmodel.maxlen_for(setup) and m["gpu_mem_gib"] == 80.0
@@ -227,7 +245,7 @@ def test_budget_runs_out_remaining_steps_are_skipped(tmp_path):
     assert hybrid["status"] == "failed" and hybrid["reason"] == "timeout after 50 s (budget)"
     assert hybrid["returncode"] is None
     rest = doc["steps"][3:]
-    assert len(rest) == 6 and all(s["status"] == "skipped: budget" and s["passed"] is None for s in rest)
+    assert len(rest) == 8 and all(s["status"] == "skipped: budget" and s["passed"] is None for s in rest)
     assert doc["summary"]["skipped"] == NAMES[3:] and doc["summary"]["failed"] == ["attention-hybrid"]
     assert doc["complete"] is False and doc["passed"] is False
 
@@ -236,16 +254,14 @@ def test_skipped_steps_do_not_fail_the_executed_ones(tmp_path):
     gpu = FakeGpu(durations={k: 100.0 for k in ("attention-zigzag", "attention-ulysses", "attention-hybrid")})
     code, doc = run_fake(tmp_path, gpu, "--budget", "305")  # 5 s left after three steps: less than MIN_STEP_S
     assert code == 0 and len(gpu.calls) == 3
-    assert doc["passed"] is True and doc["complete"] is False and len(doc["summary"]["skipped"]) == 6
+    assert doc["passed"] is True and doc["complete"] is False and len(doc["summary"]["skipped"]) == 8
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(durations=st.lists(st.floats(0, 400), min_size=9, max_size=9), budget=st.floats(10, 2000))
+@given(durations=st.lists(st.floats(0, 400), min_size=len(KEYS), max_size=len(KEYS)), budget=st.floats(10, 2000))
 def test_run_plan_never_exceeds_the_budget(durations, budget):
-    steps = gpucheck.build_plan(139.0, 0.5, Path("/nonexistent"))
-    gpu = FakeGpu(durations={key: d for key, d in zip(
-        ["attention-zigzag", "attention-ulysses", "attention-hybrid", "parity", "qwen2.5-0.5b-plain",
-         "qwen2.5-0.5b-ours", "qwen2.5-7b-plain", "qwen2.5-7b-ours", "maxlen"], durations)},
+    steps = gpuplan.build_plan(139.0, 0.5, Path("/nonexistent"))
+    gpu = FakeGpu(durations=dict(zip(KEYS, durations)),
         answers={"parity": ok_json({"results": "/nonexistent/adhoc.json", "passed": True})})
     records = gpucheck.run_plan(steps, gpu, budget, clock=gpu.clock)
     assert gpu.t <= budget + 1e-9
@@ -280,15 +296,15 @@ FAILURES = {
     "attention-zigzag": (Completed(1, "spawning\n", "Traceback\nRankError: rank 1 died\n", 0.0),
                          "exit 1, no JSON: RankError: rank 1 died"),
     "parity": (_failed_parity, "loss step 2"),
-    "qwen2.5-7b-plain": (ok_json({"status": "error", "oom": False, "error": "RuntimeError: boom"}, rc=1),
+    "qwen2.5-7b-plain-16k": (ok_json({"status": "error", "oom": False, "error": "RuntimeError: boom"}, rc=1),
                          "RuntimeError: boom"),
-    "qwen2.5-0.5b-ours": (Completed(-9, "", "Killed\n", 0.0), "exit -9, no JSON: Killed"),
+    "qwen2.5-0.5b-ours-32k": (Completed(-9, "", "Killed\n", 0.0), "exit -9, no JSON: Killed"),
     "maxlen": (ok_json({"status": "oom", "oom": True, "error": "OutOfMemoryError: CUDA out of memory"}),
                "OutOfMemoryError"),
 }
 STEP_OF = {"attention-ulysses": "attention-ulysses", "attention-zigzag": "attention-zigzag",
-           "parity": "parity-sft-zigzag-sp2", "qwen2.5-7b-plain": "probe-qwen2.5-7b-plain-16k",
-           "qwen2.5-0.5b-ours": "probe-qwen2.5-0.5b-ours-16k", "maxlen": "maxlen-qwen2.5-0.5b"}
+           "parity": "parity-sft-zigzag-sp2", "qwen2.5-7b-plain-16k": "probe-qwen2.5-7b-plain-16k",
+           "qwen2.5-0.5b-ours-32k": "probe-qwen2.5-0.5b-ours-32k", "maxlen": "maxlen-qwen2.5-0.5b"}
 
 
 @pytest.mark.parametrize("key", list(FAILURES))
@@ -319,23 +335,31 @@ def test_parity_results_file_missing_is_a_failure(tmp_path):
 
 # ------------------------------------------------------------------------------- memory model arithmetic
 def test_model_error_and_bytes_per_token():
-    assert gpucheck.model_error(110.0, 100.0) == pytest.approx(0.10)
-    assert gpucheck.model_error(90.0, 100.0) == pytest.approx(-0.10)
-    assert gpucheck.model_error(None, 100.0) is None and gpucheck.model_error(90.0, None) is None
-    assert gpucheck.model_error(90.0, 0.0) is None
-    assert gpucheck.bytes_per_token({"peak_gib": 2.0}, 1024) == (2 * GiB / 1024, "peak / tokens")
-    assert gpucheck.bytes_per_token({"peak_gib": 2.0, "static_gib": 1.5}, 1024) == (0.5 * GiB / 1024,
-                                                                                   "(peak - static) / tokens")
-    assert gpucheck.bytes_per_token({"peak_gib": None}, 1024) == (None, None)
+    r = gpuresults
+    assert r.model_error(110.0, 100.0) == pytest.approx(0.10)
+    assert r.model_error(90.0, 100.0) == pytest.approx(-0.10)
+    assert r.model_error(None, 100.0) is None and r.model_error(90.0, None) is None
+    assert r.model_error(90.0, 0.0) is None
+    assert r.bytes_per_token({"peak_gib": 2.0}, 1024) == (2 * GiB / 1024, "peak / tokens")
+    assert r.bytes_per_token({"peak_gib": 2.0, "static_gib": 1.5}, 1024) == (0.5 * GiB / 1024,
+                                                                             "(peak - static) / tokens")
+    assert r.bytes_per_token({"peak_gib": None}, 1024) == (None, None)
+
+
+def test_activation_slope_uses_the_shortest_and_longest_measured_lengths():
+    slope = gpuresults.activation_slope
+    assert slope({16384: {"peak_gib": 66.0}, 32768: {"peak_gib": 69.0}}) == pytest.approx(3 * GiB / 16384 / 1e6)
+    assert slope({8192: {"peak_gib": 1.0}, 16384: {}, 32768: {"peak_gib": 4.0}}) == pytest.approx(3 * GiB / 24576 / 1e6)
+    assert slope({16384: {"peak_gib": 66.0}, 32768: {"status": "oom"}}) is None
 
 
 def test_plan_predicts_each_variant_with_its_own_features():
-    steps = {s.name: s for s in gpucheck.build_plan(139.0, 0.25, Path("/x"))}
-    plain = steps["probe-qwen2.5-0.5b-plain-16k"].info["predicted_gib"]
-    ours = steps["probe-qwen2.5-0.5b-ours-16k"].info["predicted_gib"]
-    assert plain == pytest.approx(predicted("qwen2.5-0.5b", MemoryFeatures.plain(), 16384, 139.0))
-    assert ours == pytest.approx(predicted("qwen2.5-0.5b", MemoryFeatures(), 16384, 139.0))
-    assert plain > 2 * ours  # full-vocabulary logits dominate plain at 16k
+    steps = {s.name: s for s in gpuplan.build_plan(139.0, 0.25, Path("/x"))}
+    plain = steps["probe-qwen2.5-0.5b-plain-32k"].info["predicted_gib"]
+    ours = steps["probe-qwen2.5-0.5b-ours-32k"].info["predicted_gib"]
+    assert plain == pytest.approx(predicted("qwen2.5-0.5b", MemoryFeatures.plain(), 32768, 139.0))
+    assert ours == pytest.approx(predicted("qwen2.5-0.5b", MemoryFeatures(), 32768, 139.0))
+    assert plain > 2 * ours  # full-vocabulary logits dominate plain at 32k
     m = steps["maxlen-qwen2.5-0.5b"].info
     assert m["length"] % 1024 == 0 and m["length"] <= 0.25 * m["predicted_max_len"] < m["length"] + 1024
 
@@ -348,9 +372,9 @@ def test_dry_run_lists_the_planned_commands_without_a_gpu(tmp_path, capsys):
     code = gpucheck.run(args_for(tmp_path / "out", "--dry-run"), runner=refuse, device=lambda: None, now=lambda: NOW)
     out = capsys.readouterr().out.splitlines()
     assert code == 0 and not (tmp_path / "out").exists()
-    assert out[0] == "gpu-check plan: 9 steps within 540 s, GPU memory 139.0 GiB (default (H200))"
+    assert out[0] == "gpu-check plan: 11 steps within 540 s, GPU memory 139.0 GiB (default (H200))"
     assert [line.split()[1] for line in out[1:]] == NAMES
-    steps = gpucheck.build_plan(139.0, 0.1, (tmp_path / "out" / "parity-2026-11-30").resolve())
+    steps = gpuplan.build_plan(139.0, 0.1, (tmp_path / "out" / "parity-2026-11-30").resolve())
     assert [line.split("  ")[-1].strip() for line in out[1:]] == [s.command for s in steps]
     assert "check-attention --method hybrid --sp 2 --heads 28 --kv-heads 4 --seq 4096 --head-dim 128 " \
            "--dtype bfloat16 --backend gloo-cuda" in out[3]
@@ -405,11 +429,11 @@ def test_nox_gpu_session_uses_the_machines_python_and_passes_posargs():
 
 
 def test_table_shows_failures_and_skips():
-    doc = gpucheck.document([
+    doc = gpuresults.document([
         {"name": "maxlen-qwen2.5-0.5b", "kind": "maxlen", "status": "failed", "passed": False, "probe_status": "oom",
          "result": "oom", "length": 1_081_344, "predicted_gib": 120.0, "wall_s": 42.0, "reason": "OOM"},
         {"name": "probe-qwen2.5-7b-ours-16k", "kind": "probes", "status": "skipped: budget", "passed": None,
          "reason": "3 s of the 540 s budget left"}], {}, None, PROV, final=True)
-    table = gpucheck.format_table(doc)
+    table = gpuresults.format_table(doc)
     assert "OOM at length 1,081,344 (predicted 120.0 GiB)" in table
     assert "skipped: budget" in table and "FAILED: 0/1 executed checks passed, 1 skipped (budget)" in table

@@ -115,6 +115,19 @@ def test_probe_step_runs_on_cpu(stage):
     assert out["offloaded_tensors"] >= layers and out["offloaded_gib"] * 2**30 >= layers * spec.rows * 96 * h * 4
 
 
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_probe_attention_runtime_and_sdpa_agree(stage):
+    """Same weights and tokens: the runtime's attention (SP 1) gives transformers' SDPA loss, over two steps."""
+    losses = {}
+    for attention in ("spbench", "sdpa"):
+        spec = ProbeSpec("tiny", stage, 80, MemoryFeatures(tiled_loss_chunk=32), attention=attention, steps=2)
+        out = run_probe(spec, "cpu", torch.float64)
+        assert out["steps"] == 2 and out["attention"] == attention
+        losses[attention] = out["loss"]
+    assert losses["spbench"] == pytest.approx(losses["sdpa"], rel=1e-10, abs=0)
+
+
 # ---------------------------------------------------------------------------------------- log + resume
 MEASURE = ["--model", "qwen2.5-0.5b", "--gpus", "1", "--zero", "0", "--offload", "none", "--gpu-mem", "139"]
 

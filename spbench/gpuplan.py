@@ -1,0 +1,132 @@
+"""What `spbench gpu-check` runs: the ordered list of commands (steps), each with its timeout and its plan facts.
+
+  1. attention  `spbench check-attention` for zigzag, ulysses, hybrid on 2 gloo-cuda ranks, bfloat16,
+                seq 4096, 28 heads, 4 kv heads, head dim 128: passed, max errors, the kernel chosen
+  2. parity     `spbench parity` ad-hoc case sft zigzag sp 2, bfloat16, gloo-cuda, 3 steps: passed, max errors
+  3. probes     `python -m spbench.probe`, 2 steps each (the second is timed), plain (transformers' SDPA, no tiled
+                loss, no tiled MLP) vs ours (the runtime's attention with kernel auto, default memory features):
+                qwen2.5-0.5b SFT at 32k, qwen2.5-7b SFT at 16k and 32k. Each records peak GiB, tokens/s and the
+                memory model's prediction for the same setup; the pairs give ours / plain tokens/s at 32k and
+                the activation slope (MB per token between 16k and 32k)
+  4. maxlen     one probe of qwen2.5-0.5b (ours) at a fraction of the memory model's predicted maximum length
+                on one GPU of the given memory: success or OOM
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.memory import MemoryFeatures
+
+from . import memmodel
+from .errors import UsageError
+
+ATTN_METHODS = ("zigzag", "ulysses", "hybrid")
+ATTN_SHAPE = {"seq": 4096, "heads": 28, "kv_heads": 4, "head_dim": 128}  # Qwen2.5-7B heads; the float64 oracle is dense on the host
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A probe setup: memory features and attention (spbench.probe --attention)."""
+
+    features: MemoryFeatures
+    attention: str
+
+
+VARIANTS = {"plain": Variant(MemoryFeatures.plain(), "sdpa"), "ours": Variant(MemoryFeatures(), "spbench")}
+PROBES = (("qwen2.5-0.5b", 32768), ("qwen2.5-7b", 16384), ("qwen2.5-7b", 32768))
+"""(model, tokens) probed in every variant: 32k is where issue 5 sets the throughput goal; two 7B lengths give
+the per-token slope of the activation memory without subtracting any static estimate."""
+PROBE_STEPS = 2
+MAXLEN_MODEL = "qwen2.5-0.5b"
+RESOLUTION = 1024
+KINDS = ("attention", "parity", "probes", "maxlen")
+TIMEOUTS = {"attention": 120.0, "parity": 150.0, "probes": 180.0, "maxlen": 540.0}
+"""Seconds per step before it is killed (its whole process group); each is also clipped to the budget left."""
+
+
+@dataclass
+class Step:
+    """One planned command: `args` follow the Python interpreter; `info` is copied into the step's record."""
+
+    name: str
+    kind: str
+    args: tuple[str, ...]
+    timeout_s: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def command(self) -> str:
+        return "python " + shlex.join(self.args)
+
+
+def probe_name(model: str, variant: str, length: int) -> str:
+    return f"probe-{model}-{variant}-{length // 1024}k"
+
+
+def probe_setup(model: str, variant: str, gpu_mem_gib: float) -> memmodel.Setup:
+    """The memory model's description of a probe: one GPU, no DeepSpeed, SFT, `variant`'s features."""
+    return memmodel.Setup(model, "sft", gpus=1, gpu_mem_gib=gpu_mem_gib, sp=1, zero=0,
+                          features=VARIANTS[variant].features)
+
+
+def probe_args(model: str, length: int, variant: Variant, cap_gib: float | None, steps: int = 1) -> tuple[str, ...]:
+    """`spbench.probe` arguments for `steps` SFT steps; features and attention are spelled out so probe and model
+    agree. `cap_gib` caps the probe's GPU memory (--gpu-mem given); None: the whole device."""
+    f = variant.features
+    loss = "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk)
+    mlp = "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)
+    cap = () if cap_gib is None else ("--gpu-mem-gib", f"{cap_gib:g}")
+    return ("-m", "spbench.probe", "--model", model, "--stage", "sft", "--length", str(length),
+            "--loss-chunk", loss, "--mlp-chunks", mlp, "--attention", variant.attention, "--steps", str(steps), *cap)
+
+
+def _prediction(setup: memmodel.Setup, length: int) -> dict:
+    pred = memmodel.peak_memory(setup, length)
+    return {"predicted_gib": pred["total_gib"], "predicted_phase": pred["phase"], "predicted_fits": pred["fits"]}
+
+
+def build_plan(gpu_mem_gib: float, maxlen_fraction: float, parity_out: Path, kinds=KINDS,
+               cap_gib: float | None = None) -> list[Step]:
+    """The steps of one run, in order (only those of `kinds`); the memory model sees `gpu_mem_gib`, the probes
+    are capped at `cap_gib` (None: no cap). Raises UsageError when the memory model predicts that not even
+    RESOLUTION tokens of the maxlen model fit on `gpu_mem_gib`."""
+    steps = []
+    if "attention" in kinds:
+        shape = ATTN_SHAPE
+        for method in ATTN_METHODS:
+            args = ("-m", "spbench", "check-attention", "--method", method, "--sp", "2", "--heads", str(shape["heads"]),
+                    "--kv-heads", str(shape["kv_heads"]), "--seq", str(shape["seq"]), "--head-dim",
+                    str(shape["head_dim"]), "--dtype", "bfloat16", "--backend", "gloo-cuda",
+                    "--timeout", f"{TIMEOUTS['attention']:g}", "--json")
+            steps.append(Step(f"attention-{method}", "attention", args, TIMEOUTS["attention"],
+                              {"method": method, "sp": 2, "dtype": "bfloat16", **shape}))
+    if "parity" in kinds:
+        args = ("-m", "spbench", "parity", "--stage", "sft", "--method", "zigzag", "--sp", "2", "--dtype", "bfloat16",
+                "--steps", "3", "--backend", "gloo-cuda", "--timeout", f"{TIMEOUTS['parity']:g}",
+                "--out", str(parity_out), "--json")
+        steps.append(Step("parity-sft-zigzag-sp2", "parity", args, TIMEOUTS["parity"],
+                          {"stage": "sft", "method": "zigzag", "sp": 2, "dtype": "bfloat16", "steps": 3}))
+    if "probes" in kinds:
+        for model, length in PROBES:
+            for name, variant in VARIANTS.items():
+                info = {"model": model, "variant": name, "stage": "sft", "length": length,
+                        "attention": variant.attention, "steps": PROBE_STEPS, "features": variant.features.to_json(),
+                        **_prediction(probe_setup(model, name, gpu_mem_gib), length)}
+                steps.append(Step(probe_name(model, name, length), "probes",
+                                  probe_args(model, length, variant, cap_gib, PROBE_STEPS), TIMEOUTS["probes"], info))
+    if "maxlen" in kinds:
+        setup = probe_setup(MAXLEN_MODEL, "ours", gpu_mem_gib)
+        predicted_max = memmodel.maxlen_for(setup, resolution=RESOLUTION)
+        if predicted_max == 0:
+            raise UsageError(f"the memory model predicts that {MAXLEN_MODEL} does not fit on {gpu_mem_gib:g} GiB "
+                             f"at any length; give the GPU's memory with --gpu-mem (e.g. 80)")
+        length = max(RESOLUTION, int(predicted_max * maxlen_fraction) // RESOLUTION * RESOLUTION)
+        ours = VARIANTS["ours"]
+        info = {"model": MAXLEN_MODEL, "variant": "ours", "stage": "sft", "gpu_mem_gib": gpu_mem_gib,
+                "predicted_max_len": predicted_max, "maxlen_fraction": maxlen_fraction, "length": length,
+                "attention": ours.attention, "features": ours.features.to_json(), **_prediction(setup, length)}
+        steps.append(Step(f"maxlen-{MAXLEN_MODEL}", "maxlen", probe_args(MAXLEN_MODEL, length, ours, cap_gib),
+                          TIMEOUTS["maxlen"], info))
+    return steps
