@@ -31,7 +31,7 @@ class TrainConfig:
     pref_loss: str = field(default="sigmoid", metadata={"doc": "dpo loss: sigmoid | ipo | simpo | hinge"})
     pref_beta: float = field(default=0.1, metadata={"doc": "dpo β (inverse temperature)"})
     simpo_gamma: float = field(default=0.5, metadata={"doc": "simpo target reward margin γ"})
-    dataset: str = field(default="synthetic", metadata={"doc": "synthetic | path to a .jsonl (sft: alpaca or sharegpt; dpo: prompt/chosen/rejected)"})
+    dataset: str = field(default="synthetic", metadata={"doc": "synthetic (random lengths) | synthetic-full (every sequence cutoff_len tokens) | path to a .jsonl (sft: alpaca or sharegpt; dpo: prompt/chosen/rejected)"})
     max_samples: int | None = field(default=None, metadata={"doc": "use at most this many records (synthetic: how many to make, default 64)"})
     cutoff_len: int = field(default=4096, metadata={"doc": "tokens per sequence after truncation (packed rows hold up to this many)"})
     packing: bool = field(default=False, metadata={"doc": "pack several samples per row; attention stays within each sample"})

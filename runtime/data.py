@@ -99,8 +99,13 @@ def _example(prompt: list[int], response: list[int], cutoff: int, eos: int, **kw
     return Doc(ids, labels, **kw)
 
 
-def synthetic_records(stage: str, n: int, cutoff: int, vocab: int, seed: int) -> list[dict]:
-    """Random token records; prompts up to 3/4 of cutoff so early SP shards often hold no labels (F2, F5)."""
+SYNTHETIC = ("synthetic", "synthetic-full")
+
+
+def synthetic_records(stage: str, n: int, cutoff: int, vocab: int, seed: int, full: bool = False) -> list[dict]:
+    """Random token records; prompts up to 3/4 of cutoff so early SP shards often hold no labels (F2, F5).
+
+    `full`: every sequence is exactly `cutoff` tokens (a quarter prompt), as memory and speed probes need."""
     g = torch.Generator().manual_seed(seed)
 
     def tokens(lo: int, hi: int) -> list[int]:
@@ -109,6 +114,12 @@ def synthetic_records(stage: str, n: int, cutoff: int, vocab: int, seed: int) ->
 
     out = []
     for _ in range(n):
+        if full:
+            rest = cutoff - cutoff // 4  # the eos _example appends is cut: every row holds cutoff tokens
+            out.append({"prompt": tokens(cutoff // 4, cutoff // 4),
+                        **({"response": tokens(rest, rest)} if stage == "sft" else
+                           {"chosen": tokens(rest, rest), "rejected": tokens(rest, rest)})})
+            continue
         prompt = tokens(1, max(1, 3 * cutoff // 4))
         if stage == "sft":
             out.append({"prompt": prompt, "response": tokens(1, max(1, cutoff // 2))})
@@ -144,7 +155,7 @@ def read_jsonl(path: str, stage: str, tok) -> list[dict]:
     """Records of a .jsonl file; a malformed line is one error with its line number."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"dataset {path!r} is neither 'synthetic' nor an existing .jsonl file")
+        raise DataError(f"dataset {path!r} is neither 'synthetic', 'synthetic-full' nor an existing .jsonl file")
     records = []
     for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

@@ -20,7 +20,7 @@ import torch
 from .attention import SPAttention, resolve_ulysses, shard_plan
 from .comm import all_reduce_, sum_shards
 from .config import DTYPES, ConfigError, TrainConfig
-from .data import DataError, load_tokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
+from .data import SYNTHETIC, DataError, load_tokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
 from .hf import SPBatch, register_sp_attention
 from .kernels import select_kernel
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
@@ -57,7 +57,7 @@ def preflight(cfg: TrainConfig, world: int) -> None:
                         m.num_key_value_heads, cfg.ulysses_degree)
     rank_grid(world, cfg.sequence_parallel_size, u)
     select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
-    if cfg.dataset != "synthetic" and not read_jsonl(cfg.dataset, cfg.stage, load_tokenizer(cfg.model_name_or_path)):
+    if cfg.dataset not in SYNTHETIC and not read_jsonl(cfg.dataset, cfg.stage, load_tokenizer(cfg.model_name_or_path)):
         raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
 
 
@@ -122,11 +122,12 @@ class Trainer:
         # SP off and nothing packed: transformers' own SDPA attention is the independent reference.
         self.uses_sp_attention = sp > 1 or cfg.packing
         attn_impl = register_sp_attention() if self.uses_sp_attention else "sdpa"
-        self.model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
-        self.ref_model = None
-        if cfg.stage == "dpo" and cfg.pref_loss != "simpo":  # simpo is reference-free
-            self.ref_model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
-            self.ref_model.eval().requires_grad_(False)
+        with torch.device(self.device):  # weights made where they live: no host copy of a 7B model per rank
+            self.model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
+            self.ref_model = None
+            if cfg.stage == "dpo" and cfg.pref_loss != "simpo":  # simpo is reference-free
+                self.ref_model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
+                self.ref_model.eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         if cfg.tiled_mlp_chunks is not None:
@@ -151,8 +152,9 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------
     def _schedule(self) -> StepSchedule:
         cfg, tok = self.cfg, self.tokenizer
-        if cfg.dataset == "synthetic":
-            records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, self.shapes.vocab, cfg.seed)
+        if cfg.dataset in SYNTHETIC:
+            records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, self.shapes.vocab, cfg.seed,
+                                        full=cfg.dataset == "synthetic-full")
         else:
             records = read_jsonl(cfg.dataset, cfg.stage, tok)[: cfg.max_samples]
         if max((max(v) for r in records for v in r.values() if v), default=0) >= self.shapes.vocab:

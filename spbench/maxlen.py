@@ -5,7 +5,9 @@ model's prediction, grow or shrink geometrically until one probe succeeds and on
 resolution. Each probe is one full training step in a fresh `python -m spbench.probe` process; an OOM, a crash
 or a timeout is a failed probe and the search goes on. Every probe is appended to <out>/probes.jsonl at once
 (flushed and fsynced); --resume reads it back and skips probes already done. The probe runs one GPU without
-DeepSpeed, so measuring needs --gpus 1 --zero 0 --offload none; other setups are estimated.
+DeepSpeed; other setups run the trainer itself on --gpus ranks (`python -m spbench.distprobe`: SP, ZeRO, offload),
+with NCCL when the machine has that many GPUs, or with --emulate as that many gloo ranks sharing GPU 0, each
+capped at --gpu-mem (so --gpus × --gpu-mem must fit on the card). A setup the machine cannot run is estimated.
 Without a GPU, or with --estimate, the answer is the memory model's (spbench/memmodel.py), labelled "estimated".
 """
 from __future__ import annotations
@@ -68,10 +70,17 @@ class Case:
                 "sp": self.sp, "zero": self.zero, "offload": ",".join(self.offload) or "none",
                 "sp_method": self.sp_method, "features": self.features.to_json()}
 
-    @property
-    def measurable(self) -> bool:
-        """The probe runs one GPU without DeepSpeed: only such setups can be measured."""
-        return self.gpus == 1 and self.sp == 1 and self.zero == 0 and not self.offload
+    def probe_backend(self, gpus_here: int, emulate: bool) -> str | None:
+        """How a machine with `gpus_here` GPUs measures this case: "single" (one GPU, no DeepSpeed:
+        spbench.probe), "nccl" (a GPU per rank: spbench.distprobe), "gloo-cuda" (--emulate: every rank on
+        GPU 0), or None (it cannot: estimate)."""
+        if gpus_here < 1:
+            return None
+        if self.gpus == 1 and self.zero == 0 and not self.offload:
+            return "single"
+        if gpus_here >= self.gpus:
+            return "nccl"
+        return "gloo-cuda" if emulate else None
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -211,14 +220,15 @@ def estimate_row(case: Case, resolution: int) -> dict:
                 host_gib=pred["host_gib"] if pred else None)
 
 
-def measured_row(case: Case, outcome: SearchOutcome, resolution: int) -> dict:
+def measured_row(case: Case, outcome: SearchOutcome, resolution: int, how: str = "single") -> dict:
+    """The table row of a search; `how` is the probe backend (Case.probe_backend: "gloo-cuda" = emulated)."""
     best = outcome.best or {}
     pred = memmodel.peak_memory(case.setup(), outcome.max_len)["total_gib"] if outcome.max_len else None
     return _row(case, outcome.max_len, "measured", best.get("peak_gib"), predicted_gib=pred,
                 failed_above=outcome.failed_above, resolution=resolution, probes=len(outcome.probes),
                 tokens_per_s=best.get("tokens_per_s"), step_s=best.get("step_s"),
                 nvml_peak_used_gib=best.get("nvml_peak_used_gib"), measured_gpu_mem_gib=best.get("gpu_mem_gib"),
-                device=best.get("device_name"),
+                device=best.get("device_name"), probe_backend=how, emulated=how == "gloo-cuda",
                 estimated_max_len=memmodel.maxlen_for(case.setup(), resolution=resolution))
 
 
@@ -297,6 +307,8 @@ def register(subs) -> None:
     p.add_argument("--checkpoint-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep checkpointed hidden states in CPU memory (default off)")
     p.add_argument("--estimate", action="store_true", help="memory-model prediction even when a GPU is present")
+    p.add_argument("--emulate", action="store_true",
+                   help="measure a --gpus N setup on one GPU: N gloo ranks share GPU 0, each capped at --gpu-mem")
     p.add_argument("--resume", action="store_true", help="skip probes already in <out>/probes.jsonl")
     p.add_argument("--out", default="results/maxlen", help="directory for probes.jsonl and maxlen.json")
     p.add_argument("--resolution", type=int, help="search/estimate resolution in tokens (default 1024)")
@@ -430,37 +442,47 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
-def cuda_available() -> bool:
+def cuda_gpus() -> tuple[int, float]:
+    """(CUDA devices, GiB of device 0); (0, 0.0) without CUDA."""
     try:
         import torch
 
-        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+            return 0, 0.0
+        return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GiB
     except Exception:  # noqa: BLE001 — a broken CUDA install means: estimate
-        return False
+        return 0, 0.0
 
 
-def run(args, probe_factory: Callable[[Case], Callable[[int], dict]] | None = None) -> int:
-    """`spbench maxlen`. `probe_factory(case)` → probe callable (tests inject a simulated GPU)."""
+def run(args, probe_factory: Callable[[Case, str], Callable[[int], dict]] | None = None,
+        gpus: Callable[[], tuple[int, float]] = cuda_gpus) -> int:
+    """`spbench maxlen`. `probe_factory(case, backend)` → probe callable and `gpus()` → (count, GiB) let tests
+    stand in for a GPU machine."""
     t0 = time.monotonic()
     cases, resolution = build_cases(args)
-    measure = probe_factory is not None or (not args.estimate and cuda_available())
+    gpus_here, device_gib = (0, 0.0) if args.estimate else gpus()
+    plans = [(case, case.probe_backend(gpus_here, args.emulate)) for case in cases]
+    for case, how in plans:  # before any probe runs: a bad setup must not cost a half-finished sweep
+        if how == "gloo-cuda" and case.gpus * case.gpu_mem_gib > device_gib:
+            raise UsageError(f"--emulate puts {case.gpus} ranks on one {device_gib:.1f} GiB GPU: give --gpu-mem "
+                             f"{device_gib / case.gpus:.1f} or less")
     out = Path(args.out)
     log = ProbeLog(out / "probes.jsonl")
     rows = []
-    for case in cases:
-        if measure and not case.measurable:
-            print(f"maxlen: {case.model} {case.stage}: the probe measures one GPU without DeepSpeed "
-                  f"(--gpus 1 --zero 0 --offload none); estimating this setup instead", file=sys.stderr)
-        if not measure or not case.measurable:
+    for case, how in plans:
+        if gpus_here and how is None:
+            print(f"maxlen: {case.model} {case.stage}: {case.gpus} GPUs needed, this machine has {gpus_here}; "
+                  f"estimating this setup instead (--emulate runs the ranks on one GPU)", file=sys.stderr)
+        if how is None:
             rows.append(estimate_row(case, resolution))
             continue
-        probe = probe_factory(case) if probe_factory else SubprocessProbe(case, args.probe_timeout)
+        probe = (probe_factory or (lambda c, b: SubprocessProbe(c, args.probe_timeout, backend=b)))(case, how)
         start = memmodel.maxlen_for(case.setup(), resolution=resolution) or resolution
         known = log.done(case) if args.resume else {}
         if known:
             print(f"maxlen: {case.model} {case.stage}: resuming, {len(known)} probe(s) already done", file=sys.stderr)
         outcome = search_max_len(logged_probe(case, probe, log), start, resolution, known=known)
-        rows.append(measured_row(case, outcome, resolution))
+        rows.append(measured_row(case, outcome, resolution, how))
     backend = "cuda" if any(r["source"] == "measured" for r in rows) else "estimate"
     doc = {"schema": SCHEMA,
            "provenance": provenance(_command(args), backend, 1, 0, wall_time_s=round(time.monotonic() - t0, 3)),

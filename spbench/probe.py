@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -224,25 +225,31 @@ def is_oom(exc: BaseException) -> bool:
 class SubprocessProbe:
     """Runs one probe per call in a fresh process; never raises for a failed probe (used by spbench maxlen).
 
-    `case` has model, stage, features, gpu_mem_gib (spbench.maxlen.Case).
-
-    `command` is the argv prefix (default: this Python, -m spbench.probe); the probe's flags follow it.
+    `case` has model, stage, features, gpu_mem_gib, gpus, sp, sp_method, zero, offload (spbench.maxlen.Case).
+    `backend` "single": `python -m spbench.probe` on one GPU; "nccl" or "gloo-cuda": `python -m spbench.distprobe`
+    with the trainer on case.gpus ranks (one GPU each, or all emulated on GPU 0), each capped at gpu_mem_gib.
+    `command` replaces the argv prefix (default: this Python, -m <module>); the probe's flags follow it.
     Returns the probe's last JSON line, or {"status": "timeout"} / {"status": "error", "error": ...}.
     """
 
-    def __init__(self, case, timeout_s: float, command: list[str] | None = None) -> None:
-        self.case, self.timeout_s = case, timeout_s
-        self.command = command or [sys.executable, "-m", "spbench.probe"]
+    def __init__(self, case, timeout_s: float, command: list[str] | None = None, backend: str = "single") -> None:
+        self.case, self.timeout_s, self.backend = case, timeout_s, backend
+        module = "spbench.probe" if backend == "single" else "spbench.distprobe"
+        self.command = command or [sys.executable, "-m", module]
 
     def argv(self, length: int) -> list[str]:
-        f = self.case.features
+        c, f = self.case, self.case.features
         mlp = "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)
-        args = ["--model", self.case.model, "--stage", self.case.stage, "--length", str(length),
+        args = ["--model", c.model, "--stage", c.stage, "--length", str(length),
                 "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
-                "--mlp-chunks", mlp, "--gpu-mem-gib", str(self.case.gpu_mem_gib)]
+                "--mlp-chunks", mlp, "--gpu-mem-gib", str(c.gpu_mem_gib)]
         if f.checkpoint_offload:
             args.append("--checkpoint-offload")
         args.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
+        if self.backend != "single":
+            args += ["--nproc", str(c.gpus), "--sp", str(c.sp), "--method", c.sp_method, "--zero", str(c.zero),
+                     "--offload", ",".join(c.offload) or "none", "--backend", self.backend,
+                     "--timeout", f"{self.timeout_s:g}"]
         return [*self.command, *args]
 
     def __call__(self, length: int) -> dict:
@@ -281,9 +288,8 @@ def _features(args) -> MemoryFeatures:
                           gradient_checkpointing=args.gradient_checkpointing)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spbench.probe", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The flags every probe takes: what one training step is (shared with spbench.distprobe)."""
     p.add_argument("--model", required=True)
     p.add_argument("--stage", choices=["sft", "dpo"], default="sft")
     p.add_argument("--length", type=int, required=True, help="tokens per sequence (DPO: each of chosen, rejected)")
@@ -293,28 +299,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="cap this process's GPU memory (GiB)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", choices=ATTENTION, default="spbench",
-                   help="spbench: the runtime's attention (SP 1, kernel auto); sdpa: transformers' own (default spbench)")
     p.add_argument("--steps", type=int, default=1, help="steps to run; the last one is timed (default 1)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spbench.probe", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(p)
+    p.add_argument("--attention", choices=ATTENTION, default="spbench",
+                   help="spbench: the runtime's attention (SP 1, kernel auto); sdpa: transformers' own (default spbench)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    head = {"schema": SCHEMA, "model": args.model, "stage": args.stage, "length": args.length}
+def result_line(head: dict, measure: Callable[[], dict]) -> tuple[dict, int]:
+    """(the probe's JSON dict, exit code): `measure()`'s result, or its failure as status "oom" (exit 0) / "error"."""
     try:
-        spec = ProbeSpec(args.model, args.stage, args.length, _features(args), args.gpu_mem_gib, args.seed,
-                         args.attention, args.steps)
-        out = {**head, **run_probe(spec, args.device, DTYPES[args.dtype]), "features": spec.features.to_json()}
-        code = 0
+        out, code = {**head, **measure()}, 0
     except Exception as e:  # noqa: BLE001 — every failure becomes one JSON line; the search records it
         oom = is_oom(e)
         out = {**head, "status": "oom" if oom else "error", "oom": oom,
                "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}
         code = 0 if oom else 1
     out["torch"] = torch.__version__
+    return out, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    head = {"schema": SCHEMA, "model": args.model, "stage": args.stage, "length": args.length}
+
+    def measure() -> dict:
+        spec = ProbeSpec(args.model, args.stage, args.length, _features(args), args.gpu_mem_gib, args.seed,
+                         args.attention, args.steps)
+        return {**run_probe(spec, args.device, DTYPES[args.dtype]), "features": spec.features.to_json()}
+
+    out, code = result_line(head, measure)
     print(json.dumps(out), flush=True)
     return code
 

@@ -77,3 +77,12 @@ def misbehave(info, how: str):
             os._exit(3)
     torch.distributed.barrier()
     return info.rank
+
+
+def oom_on_rank_1(info, cfg_values: dict, cap_gib):
+    """A distprobe rank job whose rank 1 runs out of memory (the others wait, as in a collective)."""
+    if info.rank == 1:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    import torch.distributed as dist
+
+    dist.barrier()

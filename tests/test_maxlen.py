@@ -22,6 +22,10 @@ SUITE = Path(__file__).resolve().parents[1] / "suites" / "maxlen-qwen2.5.toml"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def H200():
+    return 1, 139.0
+
+
 def simulated_gpu(threshold: int, calls: list | None = None, flaky: dict | None = None):
     """A probe that OOMs above `threshold` tokens; `flaky` maps lengths to forced statuses."""
 
@@ -138,14 +142,14 @@ def test_measured_run_logs_every_probe_and_resume_skips_them(tmp_path, capsys):
     # uninterrupted reference
     full_calls = []
     maxlen.run(_parse([*MEASURE, "--out", str(tmp_path / "ref"), "--json"]),
-               probe_factory=lambda case: simulated_gpu(threshold, full_calls))
+               probe_factory=lambda case, how: simulated_gpu(threshold, full_calls), gpus=H200)
     ref = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ref["rows"][0]["source"] == "measured" and ref["rows"][0]["max_len"] == threshold // 1024 * 1024
 
     # interrupted after 3 probes: every finished probe is already on disk
     done = []
 
-    def dying(case):
+    def dying(case, how):
         inner = simulated_gpu(threshold, done)
 
         def probe(length):
@@ -155,7 +159,7 @@ def test_measured_run_logs_every_probe_and_resume_skips_them(tmp_path, capsys):
         return probe
 
     with pytest.raises(KeyboardInterrupt):
-        maxlen.run(_parse([*MEASURE, "--out", str(out_dir)]), probe_factory=dying)
+        maxlen.run(_parse([*MEASURE, "--out", str(out_dir)]), probe_factory=dying, gpus=H200)
     lines = (out_dir / "probes.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(l)["schema"] == maxlen.PROBE_SCHEMA for l in lines)
     with open(out_dir / "probes.jsonl", "a") as f:
@@ -163,7 +167,7 @@ def test_measured_run_logs_every_probe_and_resume_skips_them(tmp_path, capsys):
 
     resumed = []
     maxlen.run(_parse([*MEASURE, "--out", str(out_dir), "--resume", "--json"]),
-               probe_factory=lambda case: simulated_gpu(threshold, resumed))
+               probe_factory=lambda case, how: simulated_gpu(threshold, resumed), gpus=H200)
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["rows"][0]["max_len"] == ref["rows"][0]["max_len"]
     assert not set(resumed) & set(done) and len(resumed) + 3 == len(full_calls)
@@ -173,13 +177,51 @@ def test_measured_run_logs_every_probe_and_resume_skips_them(tmp_path, capsys):
     assert all(r["predicted_gib"] > 0 and "time" in r for r in records)
 
 
-def test_unmeasurable_setup_is_estimated_even_with_a_gpu(tmp_path, capsys):
+def test_a_setup_needing_more_gpus_is_estimated_unless_emulated(tmp_path, capsys):
     calls = []
     maxlen.run(_parse(["--model", "qwen2.5-7b", "--out", str(tmp_path), "--json"]),
-               probe_factory=lambda case: simulated_gpu(1, calls))
+               probe_factory=lambda case, how: simulated_gpu(1, calls), gpus=H200)
     captured = capsys.readouterr()
     row = json.loads(captured.out.strip().splitlines()[-1])["rows"][0]
-    assert row["source"] == "estimated" and not calls and "estimating" in captured.err
+    assert row["source"] == "estimated" and not calls and "8 GPUs needed, this machine has 1" in captured.err
+
+
+@pytest.mark.parametrize("gpus_here,flags,how", [
+    ((8, 80.0), [], "nccl"),  # a GPU per rank
+    ((1, 139.0), ["--emulate", "--gpus", "4", "--gpu-mem", "34"], "gloo-cuda"),  # 4 ranks share one H200
+    ((1, 139.0), ["--gpus", "1", "--zero", "0", "--offload", "none"], "single"),
+    ((1, 139.0), ["--gpus", "1", "--zero", "3", "--offload", "optimizer"], "nccl"),  # DeepSpeed: the trainer
+])
+def test_each_setup_is_measured_the_way_the_machine_can(tmp_path, capsys, gpus_here, flags, how):
+    seen = []
+    maxlen.run(_parse(["--model", "qwen2.5-0.5b", *flags, "--out", str(tmp_path), "--json"]),
+               probe_factory=lambda case, b: seen.append(b) or simulated_gpu(50_000), gpus=lambda: gpus_here)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    assert seen == [how] and row["source"] == "measured" and row["probe_backend"] == how
+    assert row["emulated"] == (how == "gloo-cuda") and row["max_len"] == 50_000 // 1024 * 1024
+
+
+def test_emulated_ranks_must_fit_on_the_card(tmp_path):
+    with pytest.raises(UsageError, match="give --gpu-mem 34.8 or less"):
+        maxlen.run(_parse(["--model", "qwen2.5-0.5b", "--emulate", "--gpus", "4", "--gpu-mem", "80",
+                           "--out", str(tmp_path)]), probe_factory=lambda case, b: simulated_gpu(1), gpus=H200)
+    assert not (tmp_path / "probes.jsonl").exists()
+
+
+@pytest.mark.parametrize("how,module", [("single", "spbench.probe"), ("nccl", "spbench.distprobe"),
+                                        ("gloo-cuda", "spbench.distprobe")])
+def test_subprocess_probe_argv_parses_in_its_module(how, module):
+    from spbench import distprobe
+
+    case = maxlen.Case("qwen2.5-7b", "dpo", 8, 80.0, 4, 3, ("optimizer", "param"), MemoryFeatures(), "ours", "ring")
+    argv = SubprocessProbe(case, 600, backend=how).argv(8192)
+    assert argv[1:3] == ["-m", module]
+    if how == "single":
+        return
+    args = distprobe.parse(argv[3:])
+    assert (args.nproc, args.sp, args.method, args.zero, args.offload, args.backend) == \
+        (8, 4, "ring", 3, ("optimizer", "param"), how)
+    assert args.gpu_mem_gib == 80.0 and args.timeout == 600 and args.stage == "dpo" and args.length == 8192
 
 
 # ----------------------------------------------------------------------------------------- estimate CLI

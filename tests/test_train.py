@@ -113,7 +113,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("yaml_text,msg", [
     ("stage: sft\nsequence_parallel_mode: ulysses\nsequence_parallel_size: 3\n", "use method 'hybrid'"),
-    ("stage: sft\ndataset: missing.jsonl\n", "neither 'synthetic' nor an existing .jsonl"),
+    ("stage: sft\ndataset: missing.jsonl\n", "neither 'synthetic', 'synthetic-full' nor an existing .jsonl"),
     ("stage: [\n", "not valid YAML"),
     ("stage: sft\nsequence_parallel_size: 2\n", "sp(2) does not divide world(3)"),
     ("stage: sft\ndataset: EMPTY\n", "has no records"),

@@ -1,0 +1,170 @@
+"""`python -m spbench.distprobe`: the trainer's own steps on N ranks at one length; one JSON line out.
+
+`spbench.probe` measures one GPU without DeepSpeed; this runs the real trainer (runtime/train.py) with sequence
+parallelism, ZeRO and offload, which is what `spbench maxlen` measures for multi-GPU setups: NCCL with one GPU per
+rank, or N ranks emulated on one GPU (--backend gloo-cuda: gloo collectives on CUDA tensors, P2P staged through
+CPU, each rank capped at --gpu-mem-gib). Every sequence holds exactly --length tokens (dataset synthetic-full);
+the trainer's AdamW states exist from step 1, so the peak over --steps steps (default 2) is the steady state.
+
+Printed (last stdout line), as spbench.probe: {"schema": "spbench.probe/1", "status": "ok"|"oom"|"error", "oom",
+"peak_gib" (the largest rank's torch.cuda.max_memory_allocated), "rank_peak_gib" (per rank), "static_gib",
+"step_s" (rank 0's last step), "tokens" (one step, all ranks), "tokens_per_s", ...}. An OOM on any rank exits 0
+with "oom": true; any other failure exits 1.
+
+    python -m spbench.distprobe --model qwen2.5-7b --length 262144 --nproc 8 --zero 3 --offload optimizer,param
+    python -m spbench.distprobe --model qwen2.5-0.5b --length 65536 --nproc 4 --backend gloo-cuda --gpu-mem-gib 34
+    python -m spbench.distprobe --model tiny --length 256 --nproc 2 --device cpu --dtype float32   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from runtime.attention import METHODS
+from runtime.memory import MemoryFeatures
+
+from .launch import RankError, RankPool
+from .probe import SCHEMA, _features, add_step_args, result_line
+
+GiB = 2**30
+BACKENDS = ("auto", "nccl", "gloo-cuda", "gloo")
+OFFLOADS = ("optimizer", "param")
+
+
+def deepspeed_config(zero: int, offload: tuple[str, ...]) -> dict:
+    """A DeepSpeed config for ZeRO `zero` with CPU `offload` of the optimizer and/or parameters (as examples/)."""
+    z: dict = {"stage": zero, "overlap_comm": False}
+    for what in offload:
+        z[f"offload_{what}"] = {"device": "cpu", "pin_memory": True}
+    ds = {"zero_optimization": z, "bf16": {"enabled": "auto"}, "wall_clock_breakdown": False}
+    if offload:
+        ds["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the host: no DeepSpeed op build needed
+    return ds
+
+
+def train_config(args, features: MemoryFeatures, deepspeed: str | None, out_dir: str) -> dict:
+    """The trainer config of one probe: full-length synthetic rows, one row per DP rank and step."""
+    dp = args.nproc // args.sp
+    return {"model_name_or_path": args.model, "stage": args.stage, "dataset": "synthetic-full",
+            "max_samples": dp * args.steps, "cutoff_len": args.length, "sequence_parallel_size": args.sp,
+            "sequence_parallel_mode": args.method, "dtype": args.dtype, "max_steps": args.steps,
+            "learning_rate": 1e-6, "seed": args.seed, "gradient_checkpointing": features.gradient_checkpointing,
+            "tiled_loss_chunk": features.tiled_loss_chunk, "tiled_mlp_chunks": features.tiled_mlp_chunks,
+            "checkpoint_offload": features.checkpoint_offload, "deepspeed": deepspeed, "output_dir": out_dir,
+            "device": "cpu" if args.device == "cpu" else "cuda"}
+
+
+def measure_on_rank(info, cfg_values: dict, cap_gib: float | None) -> dict:
+    """Rank job: cap this process's GPU memory, build the trainer, run its steps; this rank's figures."""
+    from runtime.config import from_dict
+    from runtime.train import Trainer, context_for
+
+    cuda = info.device.startswith("cuda")
+    if cuda and cap_gib is not None:
+        total = torch.cuda.get_device_properties(info.device).total_memory / GiB
+        if cap_gib < total:
+            torch.cuda.set_per_process_memory_fraction(cap_gib / total, info.device)
+    cfg = from_dict(cfg_values)
+    trainer = Trainer(cfg, context_for(cfg))
+    static = None
+    if cuda:
+        torch.cuda.synchronize(info.device)
+        torch.cuda.reset_peak_memory_stats(info.device)
+        static = torch.cuda.memory_allocated(info.device) / GiB
+    history = trainer.train()
+    return {"peak_gib": torch.cuda.max_memory_allocated(info.device) / GiB if cuda else None, "static_gib": static,
+            "step_s": history[-1]["step_time_s"], "loss": history[-1]["loss"],
+            "device": info.device}
+
+
+def resolve_backend(backend: str, nproc: int, device: str) -> str:
+    if backend != "auto":
+        return backend
+    if device == "cpu":
+        return "gloo"
+    return "nccl" if torch.cuda.device_count() >= nproc else "gloo-cuda"
+
+
+def run_ranks(args, job=measure_on_rank) -> dict:
+    """Run the probe on --nproc local ranks; the JSON fields of a completed probe. Raises on failure, with the
+    failing rank's last error line (an OOM on any rank reads as one)."""
+    features = _features(args)
+    backend = resolve_backend(args.backend, args.nproc, args.device)
+    with tempfile.TemporaryDirectory(prefix="spbench-distprobe-") as tmp:
+        ds = None
+        if args.zero:
+            ds = str(Path(tmp) / "deepspeed.json")
+            Path(ds).write_text(json.dumps(deepspeed_config(args.zero, args.offload)))
+        cfg = train_config(args, features, ds, str(Path(tmp) / "run"))
+        try:
+            with RankPool(args.nproc, backend=backend, timeout=args.timeout) as pool:
+                ranks = pool.run(job, cfg, args.gpu_mem_gib)
+        except RankError as e:
+            raise RuntimeError(_last_error(str(e))) from None
+    peaks = [r["peak_gib"] for r in ranks]
+    step_s = ranks[0]["step_s"]
+    tokens = args.length * (2 if args.stage == "dpo" else 1) * (args.nproc // args.sp)  # every row is full
+    known = [p for p in peaks if p is not None]
+    return {"status": "ok", "oom": False, "backend": backend, "nproc": args.nproc, "sp": args.sp,
+            "method": args.method, "zero": args.zero, "offload": list(args.offload), "steps": args.steps,
+            "peak_gib": max(known) if known else None, "rank_peak_gib": peaks,
+            "static_gib": max((r["static_gib"] for r in ranks if r["static_gib"] is not None), default=None),
+            "gpu_mem_gib": args.gpu_mem_gib, "step_s": step_s, "tokens": tokens, "tokens_per_s": tokens / step_s,
+            "loss": ranks[0]["loss"], "features": features.to_json()}
+
+
+def _last_error(report: str) -> str:
+    """'rank R: <its exception line>' from a RankError report (the first failing rank's last traceback line)."""
+    head, _, body = report.partition("\n--- rank ")
+    if not body:
+        return head
+    rank, _, trace = body.partition(":\n")
+    lines = [x for x in trace.split("\n--- rank ")[0].strip().splitlines() if x.strip()]
+    return f"rank {rank}: {lines[-1].strip() if lines else head}"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spbench.distprobe", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_args(p)
+    p.set_defaults(steps=2)
+    p.add_argument("--nproc", type=int, required=True, help="ranks (GPUs, or emulated ranks with gloo-cuda)")
+    p.add_argument("--sp", type=int, help="sequence-parallel size (default --nproc)")
+    p.add_argument("--method", choices=METHODS, default="ulysses", help="SP strategy (default ulysses)")
+    p.add_argument("--zero", type=int, choices=(0, 2, 3), default=0, help="DeepSpeed ZeRO stage (0: none)")
+    p.add_argument("--offload", default="none", help="none, optimizer, param or optimizer,param (needs --zero)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: gloo on CPU, NCCL with a GPU per rank, else gloo-cuda on one GPU")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before the ranks are killed (default 1800)")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    args.sp = args.sp or args.nproc
+    args.offload = tuple(sorted(o for o in args.offload.split(",") if o and o != "none"))
+    if args.nproc < 1 or args.sp < 1 or args.nproc % args.sp:
+        p.error(f"--sp {args.sp} must divide --nproc {args.nproc}")
+    if set(args.offload) - set(OFFLOADS) or (args.offload and not args.zero) or ("param" in args.offload and args.zero != 3):
+        p.error(f"--offload {','.join(args.offload)}: use none, optimizer (ZeRO 2/3) or optimizer,param (ZeRO 3)")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+def main(argv: list[str] | None = None, job=measure_on_rank) -> int:
+    args = parse(argv)
+    head = {"schema": SCHEMA, "model": args.model, "stage": args.stage, "length": args.length}
+    out, code = result_line(head, lambda: run_ranks(args, job))
+    print(json.dumps(out), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
