@@ -36,6 +36,6 @@ def parity(session: nox.Session) -> None:
 def gpu(session: nox.Session) -> None:
     """GPU check on one H100/H200 within a time budget, with the machine's own torch. Example: nox -s gpu -- --dry-run
 
-    Runs `spbench gpu-check` (attention, bf16 parity, plain vs ours probes: memory with the model's error, tokens/s, MB/token; one
-    maxlen probe); results in reports/gpu/. Needs the machine's CUDA torch, so no virtualenv is made."""
+    Runs `spbench gpu-check` (attention, bf16 parity, plain vs ours probes: memory with the model's error, tokens/s, MB/token; the trainer
+    on 2 emulated ranks; one maxlen probe); results in reports/gpu/. Needs the machine's CUDA torch, so no virtualenv is made."""
     session.run("python", "-m", "spbench", "gpu-check", *session.posargs)

@@ -8,7 +8,10 @@
                 qwen2.5-0.5b SFT at 32k, qwen2.5-7b SFT at 16k and 32k. Each records peak GiB, tokens/s and the
                 memory model's prediction for the same setup; the pairs give ours / plain tokens/s at 32k and
                 the activation slope (MB per token between 16k and 32k)
-  4. maxlen     one probe of qwen2.5-0.5b (ours) at a fraction of the memory model's predicted maximum length
+  4. dist       `python -m spbench.distprobe`: the trainer itself (ours) on 2 ranks emulated on the GPU
+                (gloo-cuda, each capped at half its memory), qwen2.5-0.5b SFT, Ulysses SP 2 at 64k: the path
+                `spbench maxlen` measures multi-GPU setups with; per-rank peak against the memory model
+  5. maxlen     one probe of qwen2.5-0.5b (ours) at a fraction of the memory model's predicted maximum length
                 on one GPU of the given memory: success or OOM
 """
 from __future__ import annotations
@@ -41,8 +44,9 @@ the per-token slope of the activation memory without subtracting any static esti
 PROBE_STEPS = 2
 MAXLEN_MODEL = "qwen2.5-0.5b"
 RESOLUTION = 1024
-KINDS = ("attention", "parity", "probes", "maxlen")
-TIMEOUTS = {"attention": 120.0, "parity": 150.0, "probes": 180.0, "maxlen": 540.0}
+DIST = {"model": "qwen2.5-0.5b", "length": 65536, "nproc": 2, "method": "ulysses"}
+KINDS = ("attention", "parity", "probes", "dist", "maxlen")
+TIMEOUTS = {"attention": 120.0, "parity": 150.0, "probes": 180.0, "dist": 240.0, "maxlen": 540.0}
 """Seconds per step before it is killed (its whole process group); each is also clipped to the budget left."""
 
 
@@ -82,6 +86,23 @@ def probe_args(model: str, length: int, variant: Variant, cap_gib: float | None,
             "--loss-chunk", loss, "--mlp-chunks", mlp, "--attention", variant.attention, "--steps", str(steps), *cap)
 
 
+def dist_step(gpu_mem_gib: float, cap_gib: float | None) -> Step:
+    """Step 4: DIST's ranks share the GPU, each capped at its share (of --gpu-mem when given)."""
+    d, ours = DIST, VARIANTS["ours"]
+    share = (cap_gib or gpu_mem_gib) / d["nproc"]
+    f = ours.features
+    args = ("-m", "spbench.distprobe", "--model", d["model"], "--stage", "sft", "--length", str(d["length"]),
+            "--loss-chunk", str(f.tiled_loss_chunk), "--mlp-chunks", str(f.tiled_mlp_chunks),
+            "--nproc", str(d["nproc"]), "--sp", str(d["nproc"]), "--method", d["method"], "--backend", "gloo-cuda",
+            "--gpu-mem-gib", f"{share:g}", "--steps", str(PROBE_STEPS), "--timeout", f"{TIMEOUTS['dist']:g}")
+    setup = memmodel.Setup(d["model"], "sft", gpus=d["nproc"], gpu_mem_gib=share, sp=d["nproc"], zero=0,
+                           features=f, sp_method=d["method"])
+    info = {"model": d["model"], "variant": "ours", "stage": "sft", "length": d["length"], "nproc": d["nproc"],
+            "sp": d["nproc"], "method": d["method"], "backend": "gloo-cuda", "rank_cap_gib": share,
+            "steps": PROBE_STEPS, "features": f.to_json(), **_prediction(setup, d["length"])}
+    return Step(f"dist-{d['model']}-sp{d['nproc']}-{d['length'] // 1024}k", "dist", args, TIMEOUTS["dist"], info)
+
+
 def _prediction(setup: memmodel.Setup, length: int) -> dict:
     pred = memmodel.peak_memory(setup, length)
     return {"predicted_gib": pred["total_gib"], "predicted_phase": pred["phase"], "predicted_fits": pred["fits"]}
@@ -116,6 +137,8 @@ def build_plan(gpu_mem_gib: float, maxlen_fraction: float, parity_out: Path, kin
                         **_prediction(probe_setup(model, name, gpu_mem_gib), length)}
                 steps.append(Step(probe_name(model, name, length), "probes",
                                   probe_args(model, length, variant, cap_gib, PROBE_STEPS), TIMEOUTS["probes"], info))
+    if "dist" in kinds:
+        steps.append(dist_step(gpu_mem_gib, cap_gib))
     if "maxlen" in kinds:
         setup = probe_setup(MAXLEN_MODEL, "ours", gpu_mem_gib)
         predicted_max = memmodel.maxlen_for(setup, resolution=RESOLUTION)

@@ -87,7 +87,7 @@ def parse_parity(step: Step, out: dict | None, done: Completed) -> dict:
 
 
 PROBE_FIELDS = ("peak_gib", "reserved_gib", "nvml_peak_used_gib", "static_gib", "step_s", "tokens_per_s", "kernel",
-                "device_name", "loss")
+                "device_name", "loss", "rank_peak_gib")
 
 
 def parse_probe(step: Step, out: dict | None, done: Completed) -> dict:
@@ -97,7 +97,9 @@ def parse_probe(step: Step, out: dict | None, done: Completed) -> dict:
         rec = {"passed": out["status"] == "ok", "probe_status": out["status"],
                **{k: out.get(k) for k in PROBE_FIELDS if k in out}}
         if out["status"] == "ok":
-            tokens = out.get("tokens") or step.info["length"]
+            # per GPU: a dist step's ranks each hold length / sp tokens of the sequence
+            tokens = step.info["length"] // step.info.get("sp", 1) if step.kind == "dist" else (
+                out.get("tokens") or step.info["length"])
             rec["bytes_per_token"], rec["bytes_per_token_basis"] = bytes_per_token(out, tokens)
             err = model_error(step.info.get("predicted_gib"), out.get("peak_gib"))
             rec["model_error"] = err
@@ -109,7 +111,8 @@ def parse_probe(step: Step, out: dict | None, done: Completed) -> dict:
     return rec
 
 
-PARSERS = {"attention": parse_attention, "parity": parse_parity, "probes": parse_probe, "maxlen": parse_probe}
+PARSERS = {"attention": parse_attention, "parity": parse_parity, "probes": parse_probe, "dist": parse_probe,
+           "maxlen": parse_probe}
 
 
 def evaluate(step: Step, done: Completed, timeout_s: float, clipped: bool) -> dict:

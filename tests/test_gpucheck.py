@@ -25,15 +25,16 @@ NOW = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
 H200 = {"name": "NVIDIA H200", "total_gib": 139.8, "count": 1}
 PROV = {"git_sha": "cafe1234", "command": "stub"}
 PEAKS = {"qwen2.5-0.5b-plain-32k": 60.0, "qwen2.5-0.5b-ours-32k": 8.0, "qwen2.5-7b-plain-16k": 74.0,
-         "qwen2.5-7b-ours-16k": 66.0, "qwen2.5-7b-plain-32k": 105.0, "qwen2.5-7b-ours-32k": 69.0, "maxlen": 60.0}
+         "qwen2.5-7b-ours-16k": 66.0, "qwen2.5-7b-plain-32k": 105.0, "qwen2.5-7b-ours-32k": 69.0, "dist": 9.0,
+         "maxlen": 60.0}
 RATES = {"qwen2.5-0.5b-plain-32k": 40_000.0, "qwen2.5-0.5b-ours-32k": 50_000.0, "qwen2.5-7b-plain-16k": 7_000.0,
          "qwen2.5-7b-ours-16k": 8_000.0, "qwen2.5-7b-plain-32k": 6_000.0, "qwen2.5-7b-ours-32k": 7_500.0,
-         "maxlen": 9_000.0}
+         "dist": 30_000.0, "maxlen": 9_000.0}
 PROBE_KEYS = [f"{m}-{v}-{n // 1024}k" for m, n in gpuplan.PROBES for v in ("plain", "ours")]
 ATTN_ERR = {"out": 3e-3, "lse": 1e-4, "dq": 8e-3, "dk": 6e-3, "dv": 5e-3}
 NAMES = ["attention-zigzag", "attention-ulysses", "attention-hybrid", "parity-sft-zigzag-sp2",
-         *(f"probe-{k}" for k in PROBE_KEYS), "maxlen-qwen2.5-0.5b"]
-KEYS = ["attention-zigzag", "attention-ulysses", "attention-hybrid", "parity", *PROBE_KEYS, "maxlen"]
+         *(f"probe-{k}" for k in PROBE_KEYS), "dist-qwen2.5-0.5b-sp2-64k", "maxlen-qwen2.5-0.5b"]
+KEYS = ["attention-zigzag", "attention-ulysses", "attention-hybrid", "parity", *PROBE_KEYS, "dist", "maxlen"]
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,8 @@ def key_of(argv: list[str]) -> str:
         return f"attention-{_flag(argv, '--method')}"
     if "parity" in argv:
         return "parity"
+    if "spbench.distprobe" in argv:
+        return "dist"
     model, length = _flag(argv, "--model"), int(_flag(argv, "--length"))
     if (model, length) not in gpuplan.PROBES:
         return "maxlen"
@@ -154,7 +157,7 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     assert doc["final"] is True and doc["provenance"] == PROV and doc["device"] == H200
     assert [s["name"] for s in doc["steps"]] == NAMES
     assert all(s["status"] == "passed" for s in doc["steps"])
-    assert doc["summary"] == {"executed": 11, "passed": 11, "failed": [], "skipped": []}
+    assert doc["summary"] == {"executed": 12, "passed": 12, "failed": [], "skipped": []}
     assert doc["settings"]["gpu_mem_gib"] == H200["total_gib"] and doc["settings"]["gpu_mem_source"] == "device"
 
     attn = step(doc, "attention-hybrid")
@@ -186,6 +189,13 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     assert comp["qwen2.5-0.5b"]["activation_mb_per_token"] == {"plain": None, "ours": None}
     assert comp["qwen2.5-0.5b"]["activation_goal_met"] is None  # one length: no slope
 
+    dist = step(doc, "dist-qwen2.5-0.5b-sp2-64k")
+    share = H200["total_gib"] / 2
+    dist_setup = memmodel.Setup("qwen2.5-0.5b", "sft", 2, share, 2, 0, frozenset(), MemoryFeatures(), "ulysses")
+    assert dist["rank_cap_gib"] == share and dist["peak_gib"] == 9.0 and dist["status"] == "passed"
+    assert dist["predicted_gib"] == pytest.approx(memmodel.peak_memory(dist_setup, 65536)["total_gib"])
+    assert dist["bytes_per_token"] == pytest.approx(9.0 * GiB / 32768)  # each rank holds half the sequence
+
     setup = memmodel.Setup("qwen2.5-0.5b", "sft", 1, H200["total_gib"], 1, 0, frozenset(), MemoryFeatures())
     max_len = memmodel.maxlen_for(setup, resolution=1024)
     m = step(doc, "maxlen-qwen2.5-0.5b")
@@ -202,13 +212,15 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     assert argv["qwen2.5-7b-ours-32k"][-8:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto", "--attention",
                                                 "spbench", "--steps", "2"]
     assert _flag(argv["maxlen"], "--attention") == "spbench" and _flag(argv["maxlen"], "--steps") == "1"
+    assert [_flag(argv["dist"], f) for f in ("--nproc", "--sp", "--method", "--backend", "--length")] == \
+        ["2", "2", "ulysses", "gloo-cuda", "65536"]
     assert {_flag(argv[f"attention-{x}"], "--backend") for x in ("zigzag", "ulysses", "hybrid")} == {"gloo-cuda"}
     assert [_flag(argv["parity"], f) for f in ("--stage", "--method", "--sp", "--dtype", "--steps", "--backend")] == \
         ["sft", "zigzag", "2", "bfloat16", "3", "gloo-cuda"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check-2026-11-30.json", "parity-2026-11-30"]
 
     out = capsys.readouterr().out
-    assert "PASSED: 11/11 executed checks passed" in out
+    assert "PASSED: 12/12 executed checks passed" in out
     assert "qwen2.5-7b at 32,768: ours / plain tokens/s = 1.25 (goal >= 1.2: met)" in out
     assert "qwen2.5-7b activation MB/token (16,384 -> 32,768 slope): plain 2.032, ours 0.197 (goal ours <= 0.3: met)" \
         in out
@@ -227,9 +239,10 @@ def test_static_memory_is_subtracted_when_the_probe_reports_it(tmp_path):
 
 def test_gpu_mem_flag_sets_the_model_and_caps_the_probes(tmp_path):
     gpu = FakeGpu()
-    code, doc = run_fake(tmp_path, gpu, "--gpu-mem", "80", "--only", "probes,maxlen")
+    code, doc = run_fake(tmp_path, gpu, "--gpu-mem", "80", "--only", "probes,dist,maxlen")
     assert code == 0 and doc["settings"]["gpu_mem_source"] == "--gpu-mem"
-    assert all(_flag(argv, "--gpu-mem-gib") == "80" for _, argv, _ in gpu.calls) and len(gpu.calls) == 7
+    assert len(gpu.calls) == 8 and {_flag(argv, "--gpu-mem-gib") for key, argv, _ in gpu.calls if key != "dist"} == {"80"}
+    assert _flag(dict((k, a) for k, a, _ in gpu.calls)["dist"], "--gpu-mem-gib") == "40"  # two ranks share the card
     m = step(doc, "maxlen-qwen2.5-0.5b")
     setup = memmodel.Setup("qwen2.5-0.5b", "sft", 1, 80.0, 1, 0, frozenset(), MemoryFeatures())
     assert m["predicted_max_len"] == memmodel.maxlen_for(setup) and m["gpu_mem_gib"] == 80.0
@@ -245,7 +258,7 @@ def test_budget_runs_out_remaining_steps_are_skipped(tmp_path):
     assert hybrid["status"] == "failed" and hybrid["reason"] == "timeout after 50 s (budget)"
     assert hybrid["returncode"] is None
     rest = doc["steps"][3:]
-    assert len(rest) == 8 and all(s["status"] == "skipped: budget" and s["passed"] is None for s in rest)
+    assert len(rest) == 9 and all(s["status"] == "skipped: budget" and s["passed"] is None for s in rest)
     assert doc["summary"]["skipped"] == NAMES[3:] and doc["summary"]["failed"] == ["attention-hybrid"]
     assert doc["complete"] is False and doc["passed"] is False
 
@@ -254,7 +267,7 @@ def test_skipped_steps_do_not_fail_the_executed_ones(tmp_path):
     gpu = FakeGpu(durations={k: 100.0 for k in ("attention-zigzag", "attention-ulysses", "attention-hybrid")})
     code, doc = run_fake(tmp_path, gpu, "--budget", "305")  # 5 s left after three steps: less than MIN_STEP_S
     assert code == 0 and len(gpu.calls) == 3
-    assert doc["passed"] is True and doc["complete"] is False and len(doc["summary"]["skipped"]) == 8
+    assert doc["passed"] is True and doc["complete"] is False and len(doc["summary"]["skipped"]) == 9
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -372,7 +385,7 @@ def test_dry_run_lists_the_planned_commands_without_a_gpu(tmp_path, capsys):
     code = gpucheck.run(args_for(tmp_path / "out", "--dry-run"), runner=refuse, device=lambda: None, now=lambda: NOW)
     out = capsys.readouterr().out.splitlines()
     assert code == 0 and not (tmp_path / "out").exists()
-    assert out[0] == "gpu-check plan: 11 steps within 540 s, GPU memory 139.0 GiB (default (H200))"
+    assert out[0] == "gpu-check plan: 12 steps within 540 s, GPU memory 139.0 GiB (default (H200))"
     assert [line.split()[1] for line in out[1:]] == NAMES
     steps = gpuplan.build_plan(139.0, 0.1, (tmp_path / "out" / "parity-2026-11-30").resolve())
     assert [line.split("  ")[-1].strip() for line in out[1:]] == [s.command for s in steps]
