@@ -29,7 +29,7 @@ from runtime.attention import METHODS
 from runtime.memory import MemoryFeatures
 
 from .launch import RankError, RankPool
-from .probe import SCHEMA, _features, add_step_args, result_line
+from .probe import SCHEMA, features_from_args, add_step_args, result_line
 
 GiB = 2**30
 BACKENDS = ("auto", "nccl", "gloo-cuda", "gloo")
@@ -93,7 +93,7 @@ def resolve_backend(backend: str, nproc: int, device: str) -> str:
 def run_ranks(args, job=measure_on_rank) -> dict:
     """Run the probe on --nproc local ranks; the JSON fields of a completed probe. Raises on failure, with the
     failing rank's last error line (an OOM on any rank reads as one)."""
-    features = _features(args)
+    features = features_from_args(args)
     backend = resolve_backend(args.backend, args.nproc, args.device)
     with tempfile.TemporaryDirectory(prefix="spbench-distprobe-") as tmp:
         ds = None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .gpuplan import PROBES, VARIANTS, Step
 from .probe import last_json
+from .results import GPU_CHECK_SCHEMA as SCHEMA
 
-SCHEMA = "spbench.gpu-check/1"
 GiB = 2**30
 SKIPPED = "skipped: budget"
 MODEL_ERROR_GOAL = 0.10
@@ -210,12 +210,9 @@ def detail(rec: dict) -> str:
     return text
 
 
-def format_table(doc: dict) -> str:
-    """The compact summary: one line per step, then ours vs plain per model."""
-    rows = [(r["name"], r["status"], _fmt(r.get("wall_s"), ".1f"), detail(r)) for r in doc["steps"]]
-    w = [max(len(x[i]) for x in [("step", "status", "wall s", ""), *rows]) for i in range(3)]
-    lines = [f"{'step':<{w[0]}}  {'status':<{w[1]}}  {'wall s':>{w[2]}}  result", "-" * (sum(w) + 14)]
-    lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
+def comparison_lines(doc: dict) -> list[str]:
+    """Ours vs plain per probed model: tokens/s ratio and activation slope, each with its goal."""
+    lines = []
     for c in doc["comparisons"]:
         lines.append(f"{c['model']} at {c['length']:,}: ours / plain tokens/s = {_fmt(c['tokens_per_s_ratio'], '.2f')}"
                      f" (goal >= {c['tokens_per_s_goal']:g}: {_verdict(c['tokens_per_s_goal_met'])})")
@@ -225,6 +222,16 @@ def format_table(doc: dict) -> str:
             lines.append(f"{c['model']} activation MB/token ({lo:,} -> {hi:,} slope): "
                          + ", ".join(f"{v} {_fmt(x, '.3f')}" for v, x in slopes.items())
                          + f" (goal ours <= {c['activation_goal_mb_per_token']:g}: {_verdict(c['activation_goal_met'])})")
+    return lines
+
+
+def format_table(doc: dict) -> str:
+    """The compact summary: one line per step, then ours vs plain per model."""
+    rows = [(r["name"], r["status"], _fmt(r.get("wall_s"), ".1f"), detail(r)) for r in doc["steps"]]
+    w = [max(len(x[i]) for x in [("step", "status", "wall s", ""), *rows]) for i in range(3)]
+    lines = [f"{'step':<{w[0]}}  {'status':<{w[1]}}  {'wall s':>{w[2]}}  result", "-" * (sum(w) + 14)]
+    lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
+    lines += comparison_lines(doc)
     s = doc["summary"]
     verdict = "PASSED" if doc["passed"] else "FAILED"
     lines.append(f"{verdict}: {s['passed']}/{s['executed']} executed checks passed"

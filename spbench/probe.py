@@ -281,7 +281,8 @@ def last_json(text: str) -> dict | None:
 
 
 
-def _features(args) -> MemoryFeatures:
+def features_from_args(args) -> MemoryFeatures:
+    """The MemoryFeatures the step flags (add_step_args) ask for."""
     loss = None if args.loss_chunk == "none" else int(args.loss_chunk)
     mlp = None if args.mlp_chunks == "none" else (AUTO if args.mlp_chunks == AUTO else int(args.mlp_chunks))
     return MemoryFeatures(tiled_loss_chunk=loss, tiled_mlp_chunks=mlp, checkpoint_offload=args.checkpoint_offload,
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     head = {"schema": SCHEMA, "model": args.model, "stage": args.stage, "length": args.length}
 
     def measure() -> dict:
-        spec = ProbeSpec(args.model, args.stage, args.length, _features(args), args.gpu_mem_gib, args.seed,
+        spec = ProbeSpec(args.model, args.stage, args.length, features_from_args(args), args.gpu_mem_gib, args.seed,
                          args.attention, args.steps)
         return {**run_probe(spec, args.device, DTYPES[args.dtype]), "features": spec.features.to_json()}
 

@@ -1,8 +1,10 @@
-"""`spbench report`: report.md with tables and PNG plots from parity and max-length results files.
+"""`spbench report`: report.md with tables and PNG plots from parity, max-length and GPU-check results files.
 
 Parity files (spbench.results/1) give one table per suite, its failures, a loss-curve overlay per
 (stage, method) with SP off vs every SP size, and a relative-loss-error-per-step plot. Max-length
-files (spbench.maxlen/1) give a model × stage × SP → max length table. Each file's provenance follows.
+files (spbench.maxlen/1) give a model × stage × SP → max length table. GPU-check files
+(spbench.gpu-check/1) give one row per step (peak vs the memory model's prediction, tokens/s, MB per
+token) and ours vs plain against issue 5's goals. Each file's provenance follows.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import UsageError
-from .results import MAXLEN_SCHEMA, SCHEMA, load_results, rel_errors, write_bytes_atomic, write_text_atomic
+from .gpuresults import comparison_lines, detail
+from .results import (GPU_CHECK_SCHEMA, MAXLEN_SCHEMA, SCHEMA, load_results, rel_errors, write_bytes_atomic,
+                      write_text_atomic)
 
 EPILOG = """examples:
   spbench report reports/ci.json --out reports/ci
@@ -26,7 +30,8 @@ def register(subs) -> None:
     p = subs.add_parser("report", help="render results files as Markdown tables and PNG plots",
                         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", metavar="RESULTS.json",
-                   help="parity (spbench.results/1) or max-length (spbench.maxlen/1) results files")
+                   help="parity (spbench.results/1), max-length (spbench.maxlen/1) or gpu-check "
+                        "(spbench.gpu-check/1) results files")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the PNGs (created)")
     p.set_defaults(func=run)
 
@@ -41,13 +46,15 @@ def render(paths, out_dir) -> Path:
     """Write report.md and its PNGs into `out_dir`, one section per results file; returns report.md's path."""
     if not paths:
         raise UsageError("no results files given; pass at least one RESULTS.json")
-    docs = [(Path(p), load_results(p, (SCHEMA, MAXLEN_SCHEMA))) for p in paths]  # all valid before writing
+    docs = [(Path(p), load_results(p, (SCHEMA, MAXLEN_SCHEMA, GPU_CHECK_SCHEMA))) for p in paths]  # all valid first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# spbench report", ""]
     for i, (path, doc) in enumerate(docs, 1):
         if doc["schema"] == SCHEMA:
             lines += _parity_section(doc, path, out, prefix=f"{i}-{_slug(path.stem)}")
+        elif doc["schema"] == GPU_CHECK_SCHEMA:
+            lines += _gpu_check_section(doc, path)
         else:
             lines += _maxlen_section(doc, path)
         lines += _provenance(doc.get("provenance") or {})
@@ -135,6 +142,19 @@ def _save(fig, ax, out: Path, name: str) -> str:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     write_bytes_atomic(out / name, buf.getvalue())
     return name
+
+
+def _gpu_check_section(doc: dict, path: Path) -> list[str]:
+    device = (doc.get("device") or {}).get("name", "?")
+    verdict = "PASSED" if doc.get("passed") else "FAILED"
+    lines = [f"## GPU check ({path.name}): {verdict}{'' if doc.get('complete') else ' (incomplete)'} on {device}", "",
+             "| step | status | wall s | result |", "|---|---|---:|---|"]
+    for r in doc["steps"]:
+        wall = f"{r['wall_s']:.1f}" if isinstance(r.get("wall_s"), (int, float)) else "—"
+        lines.append("| " + " | ".join(_cell(x) for x in (r.get("name", "?"), r.get("status", "?"), wall, detail(r)))
+                     + " |")
+    goals = comparison_lines(doc)
+    return lines + (["", "### Ours vs plain", ""] + [f"- {g}" for g in goals] if goals else [])
 
 
 def _maxlen_section(doc: dict, path: Path) -> list[str]:

@@ -56,6 +56,9 @@ from .errors import UsageError
 
 SCHEMA = "spbench.results/1"
 MAXLEN_SCHEMA = "spbench.maxlen/1"
+GPU_CHECK_SCHEMA = "spbench.gpu-check/1"
+ENTRIES = {SCHEMA: "cases", MAXLEN_SCHEMA: "rows", GPU_CHECK_SCHEMA: "steps"}
+"""The list each results schema holds its entries in."""
 
 
 def provenance(command: str, backend: str, world: int, seed: int, wall_time_s: float | None = None) -> dict:
@@ -188,7 +191,7 @@ def load_results(path: str | os.PathLike, schemas: tuple[str, ...] = (SCHEMA,)) 
     if schema not in schemas:
         found = "no 'schema' key" if schema is None else f"schema {schema!r}"
         raise UsageError(f"results file {path} has {found}, expected {' or '.join(map(repr, schemas))}")
-    _check_entries(path, data, "cases" if schema == SCHEMA else "rows")
+    _check_entries(path, data, ENTRIES[schema])
     return data
 
 

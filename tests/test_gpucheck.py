@@ -450,3 +450,16 @@ def test_table_shows_failures_and_skips():
     table = gpuresults.format_table(doc)
     assert "OOM at length 1,081,344 (predicted 120.0 GiB)" in table
     assert "skipped: budget" in table and "FAILED: 0/1 executed checks passed, 1 skipped (budget)" in table
+
+
+def test_report_renders_the_gpu_check_document(tmp_path):
+    from spbench import report
+
+    code, doc = run_fake(tmp_path, FakeGpu(answers={"maxlen": FAILURES["maxlen"][0]}))
+    text = report.render([str(tmp_path / "gpu-check-2026-11-30.json")], tmp_path / "rep").read_text()
+    assert code == 1 and "## GPU check (gpu-check-2026-11-30.json): FAILED on NVIDIA H200" in text
+    assert sum(line.startswith("| attention-") for line in text.splitlines()) == 3
+    assert "| probe-qwen2.5-7b-ours-32k | passed | 5.0 | peak 69.0 GiB (model " in text
+    assert "| maxlen-qwen2.5-0.5b | failed | 5.0 | OOM at length " in text
+    assert "- qwen2.5-7b at 32,768: ours / plain tokens/s = 1.25 (goal >= 1.2: met)" in text
+    assert "git_sha" in text or "cafe1234" in text  # provenance follows the section

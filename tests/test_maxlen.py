@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from runtime.memory import MemoryFeatures
 from spbench import maxlen, memmodel
 from spbench.errors import UsageError
-from spbench.probe import ProbeSpec, SubprocessProbe, parser as probe_parser, _features, run_probe
+from spbench.probe import ProbeSpec, SubprocessProbe, parser as probe_parser, features_from_args, run_probe
 
 SUITE = Path(__file__).resolve().parents[1] / "suites" / "maxlen-qwen2.5.toml"
 
@@ -106,7 +106,7 @@ def test_probe_argv_round_trips_features(features):
     case = maxlen.Case("qwen2.5-7b", "dpo", 1, 80.0, 1, 0, (), features)
     argv = SubprocessProbe(case, 10).argv(4096)
     args = probe_parser().parse_args(argv[3:])
-    assert _features(args) == features and args.length == 4096 and args.stage == "dpo"
+    assert features_from_args(args) == features and args.length == 4096 and args.stage == "dpo"
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
