@@ -72,7 +72,11 @@ def _parity_section(doc: dict, path: Path, out: Path, prefix: str) -> list[str]:
     failures = [(c["name"], f) for c in cases for f in c.get("failures") or []]
     if failures:
         lines += ["", "### Failures", ""] + [f"- `{name}`: {_cell(f)}" for name, f in failures]
-    pngs = _plots(cases, out, prefix)
+    try:
+        pngs = _plots(cases, out, prefix)
+    except ImportError:  # e.g. a GPU image without matplotlib: the tables are the result, plots are extra
+        lines += ["", "Plots skipped: matplotlib is not installed (pip install matplotlib)."]
+        return lines
     if pngs:
         lines += ["", "### Plots", ""] + [f"![{png}]({png})\n" for png in pngs]
     return lines
