@@ -105,7 +105,7 @@ def run_ranks(args, job=measure_on_rank) -> dict:
             with RankPool(args.nproc, backend=backend, timeout=args.timeout) as pool:
                 ranks = pool.run(job, cfg, args.gpu_mem_gib)
         except RankError as e:
-            raise RuntimeError(_last_error(str(e))) from None
+            raise RuntimeError(first_error(e)) from None
     peaks = [r["peak_gib"] for r in ranks]
     step_s = ranks[0]["step_s"]
     tokens = args.length * (2 if args.stage == "dpo" else 1) * (args.nproc // args.sp)  # every row is full
@@ -115,17 +115,17 @@ def run_ranks(args, job=measure_on_rank) -> dict:
             "peak_gib": max(known) if known else None, "rank_peak_gib": peaks,
             "static_gib": max((r["static_gib"] for r in ranks if r["static_gib"] is not None), default=None),
             "gpu_mem_gib": args.gpu_mem_gib, "step_s": step_s, "tokens": tokens, "tokens_per_s": tokens / step_s,
+            "rank_tokens": tokens // args.nproc,  # every rank holds an equal share (DP rows × SP shards)
             "loss": ranks[0]["loss"], "features": features.to_json()}
 
 
-def _last_error(report: str) -> str:
-    """'rank R: <its exception line>' from a RankError report (the first failing rank's last traceback line)."""
-    head, _, body = report.partition("\n--- rank ")
-    if not body:
-        return head
-    rank, _, trace = body.partition(":\n")
-    lines = [x for x in trace.split("\n--- rank ")[0].strip().splitlines() if x.strip()]
-    return f"rank {rank}: {lines[-1].strip() if lines else head}"
+def first_error(err: RankError) -> str:
+    """'rank R: <its exception line>' for the lowest rank that raised, else the RankError's first line."""
+    if not err.errors:
+        return str(err).splitlines()[0]
+    rank = min(err.errors)
+    lines = [x.strip() for x in err.errors[rank].strip().splitlines() if x.strip()]
+    return f"rank {rank}: {lines[-1]}"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from runtime.memory import MemoryFeatures
 
 from . import memmodel
 from .errors import UsageError
+from .probe import step_flags
 
 ATTN_METHODS = ("zigzag", "ulysses", "hybrid")
 ATTN_SHAPE = {"seq": 4096, "heads": 28, "kv_heads": 4, "head_dim": 128}  # Qwen2.5-7B heads; the float64 oracle is dense on the host
@@ -78,12 +79,9 @@ def probe_setup(model: str, variant: str, gpu_mem_gib: float) -> memmodel.Setup:
 def probe_args(model: str, length: int, variant: Variant, cap_gib: float | None, steps: int = 1) -> tuple[str, ...]:
     """`spbench.probe` arguments for `steps` SFT steps; features and attention are spelled out so probe and model
     agree. `cap_gib` caps the probe's GPU memory (--gpu-mem given); None: the whole device."""
-    f = variant.features
-    loss = "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk)
-    mlp = "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)
     cap = () if cap_gib is None else ("--gpu-mem-gib", f"{cap_gib:g}")
-    return ("-m", "spbench.probe", "--model", model, "--stage", "sft", "--length", str(length),
-            "--loss-chunk", loss, "--mlp-chunks", mlp, "--attention", variant.attention, "--steps", str(steps), *cap)
+    return ("-m", "spbench.probe", *step_flags(model, "sft", length, variant.features),
+            "--attention", variant.attention, "--steps", str(steps), *cap)
 
 
 def dist_step(gpu_mem_gib: float, cap_gib: float | None) -> Step:
@@ -91,8 +89,7 @@ def dist_step(gpu_mem_gib: float, cap_gib: float | None) -> Step:
     d, ours = DIST, VARIANTS["ours"]
     share = (cap_gib or gpu_mem_gib) / d["nproc"]
     f = ours.features
-    args = ("-m", "spbench.distprobe", "--model", d["model"], "--stage", "sft", "--length", str(d["length"]),
-            "--loss-chunk", str(f.tiled_loss_chunk), "--mlp-chunks", str(f.tiled_mlp_chunks),
+    args = ("-m", "spbench.distprobe", *step_flags(d["model"], "sft", d["length"], f),
             "--nproc", str(d["nproc"]), "--sp", str(d["nproc"]), "--method", d["method"], "--backend", "gloo-cuda",
             "--gpu-mem-gib", f"{share:g}", "--steps", str(PROBE_STEPS), "--timeout", f"{TIMEOUTS['dist']:g}")
     setup = memmodel.Setup(d["model"], "sft", gpus=d["nproc"], gpu_mem_gib=share, sp=d["nproc"], zero=0,

@@ -97,9 +97,7 @@ def parse_probe(step: Step, out: dict | None, done: Completed) -> dict:
         rec = {"passed": out["status"] == "ok", "probe_status": out["status"],
                **{k: out.get(k) for k in PROBE_FIELDS if k in out}}
         if out["status"] == "ok":
-            # per GPU: a dist step's ranks each hold length / sp tokens of the sequence
-            tokens = step.info["length"] // step.info.get("sp", 1) if step.kind == "dist" else (
-                out.get("tokens") or step.info["length"])
+            tokens = out.get("rank_tokens") or out.get("tokens") or step.info["length"]  # per GPU
             rec["bytes_per_token"], rec["bytes_per_token_basis"] = bytes_per_token(out, tokens)
             err = model_error(step.info.get("predicted_gib"), out.get("peak_gib"))
             rec["model_error"] = err

@@ -23,7 +23,12 @@ import torch.multiprocessing as mp
 
 
 class RankError(RuntimeError):
-    """A rank failed, died or timed out; the message says which and why."""
+    """A rank failed, died or timed out; the message says which and why. `errors`: rank → its traceback, for
+    the ranks that raised (empty when ranks died or timed out)."""
+
+    def __init__(self, message: str, errors: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = dict(errors or {})
 
 
 @dataclass(frozen=True)
@@ -116,20 +121,22 @@ class RankPool:
                 rank, ok, value = self._outbox.get(timeout=0.5)
             except queue.Empty:
                 if any(p.exitcode is not None for p in self._procs):
-                    raise RankError(self._failure_report(fn.__name__, {}))
+                    errors: dict[int, str] = {}
+                    raise RankError(self._failure_report(fn.__name__, errors), errors)
                 if time.monotonic() > deadline:
                     self.close(kill=True)
                     raise RankError(f"{fn.__name__} timed out after {timeout or self.timeout:.0f} s on {self.world} ranks "
                                     f"({sorted(set(range(self.world)) - set(results))} did not finish)")
                 continue
             if not ok:
-                raise RankError(self._failure_report(fn.__name__, {rank: value}))
+                errors = {rank: value}
+                raise RankError(self._failure_report(fn.__name__, errors), errors)
             results[rank] = value
         return [results[r] for r in range(self.world)]
 
     def _failure_report(self, job: str, errors: dict[int, str], grace: float = 2.0) -> str:
-        """Collect the other ranks' errors for a moment (a failure cascades through collectives), kill
-        the pool, and describe every failed rank; the first line names them all."""
+        """Collect the other ranks' errors into `errors` for a moment (a failure cascades through collectives),
+        kill the pool, and describe every failed rank; the first line names them all."""
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             try:

@@ -238,14 +238,8 @@ class SubprocessProbe:
         self.command = command or [sys.executable, "-m", module]
 
     def argv(self, length: int) -> list[str]:
-        c, f = self.case, self.case.features
-        mlp = "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)
-        args = ["--model", c.model, "--stage", c.stage, "--length", str(length),
-                "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
-                "--mlp-chunks", mlp, "--gpu-mem-gib", str(c.gpu_mem_gib)]
-        if f.checkpoint_offload:
-            args.append("--checkpoint-offload")
-        args.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
+        c = self.case
+        args = [*step_flags(c.model, c.stage, length, c.features), "--gpu-mem-gib", str(c.gpu_mem_gib)]
         if self.backend != "single":
             args += ["--nproc", str(c.gpus), "--sp", str(c.sp), "--method", c.sp_method, "--zero", str(c.zero),
                      "--offload", ",".join(c.offload) or "none", "--backend", self.backend,
@@ -279,6 +273,18 @@ def last_json(text: str) -> dict | None:
             return value
     return None
 
+
+
+def step_flags(model: str, stage: str, length: int, features: MemoryFeatures) -> list[str]:
+    """The add_step_args flags for one step of `model` (the inverse of features_from_args)."""
+    f = features
+    flags = ["--model", model, "--stage", stage, "--length", str(length),
+             "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
+             "--mlp-chunks", "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)]
+    if f.checkpoint_offload:
+        flags.append("--checkpoint-offload")
+    flags.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
+    return flags
 
 
 def features_from_args(args) -> MemoryFeatures:

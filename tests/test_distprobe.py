@@ -5,7 +5,8 @@ import pytest
 
 from rankjobs import oom_on_rank_1
 from spbench import distprobe
-from spbench.distprobe import _last_error, deepspeed_config
+from spbench.distprobe import deepspeed_config, first_error
+from spbench.launch import RankError
 
 
 def run(capsys, *argv, job=distprobe.measure_on_rank):
@@ -24,6 +25,7 @@ def test_trainer_steps_run_on_ranks(capsys, argv):
     rows = 2 if argv[1] == "dpo" else 1
     dp = nproc // (int(argv[argv.index("--sp") + 1]) if "--sp" in argv else nproc)
     assert out["tokens"] == length * rows * dp and out["tokens_per_s"] == pytest.approx(out["tokens"] / out["step_s"])
+    assert out["rank_tokens"] == out["tokens"] // nproc
     assert out["steps"] == 2 and out["rank_peak_gib"] == [None, None] and out["backend"] == "gloo"
     assert out["loss"] == out["loss"]  # finite, not NaN
 
@@ -34,11 +36,11 @@ def test_an_oom_on_any_rank_is_an_oom_probe(capsys):
     assert out["error"].startswith("RuntimeError: rank 1: torch.OutOfMemoryError: CUDA out of memory")
 
 
-def test_last_error_names_the_first_failed_rank():
-    report = ("ranks 0, 2 failed in job:\n--- rank 0:\nTraceback (most recent call last):\n  File x\n"
-              "ValueError: bad\n\n--- rank 2:\nTraceback\nKeyError: 'k'\n")
-    assert _last_error(report) == "rank 0: ValueError: bad"
-    assert _last_error("job timed out after 5 s on 2 ranks ([1] did not finish)").startswith("job timed out")
+def test_first_error_names_the_lowest_failed_rank():
+    err = RankError("ranks 0, 2 failed in job:\n...", {2: "Traceback\nKeyError: 'k'\n",
+                                                         0: "Traceback (most recent call last):\n  File x\nValueError: bad\n\n"})
+    assert first_error(err) == "rank 0: ValueError: bad"
+    assert first_error(RankError("job timed out after 5 s on 2 ranks ([1] did not finish)")).startswith("job timed out")
 
 
 def test_deepspeed_config_matches_the_setup():

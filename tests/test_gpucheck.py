@@ -94,9 +94,10 @@ def default_answer(key: str, argv: list[str]) -> Completed:
     if key == "parity":
         return parity_answer(PARITY_CASE)(argv)
     length = int(_flag(argv, "--length"))
+    ranks = {"rank_tokens": length // int(_flag(argv, "--nproc"))} if key == "dist" else {}  # as distprobe prints
     return ok_json({"schema": "spbench.probe/1", "status": "ok", "oom": False, "peak_gib": PEAKS[key],
                     "tokens": length, "tokens_per_s": RATES[key], "step_s": length / RATES[key],
-                    "device_name": "NVIDIA H200"})
+                    "device_name": "NVIDIA H200", **ranks})
 
 
 class FakeGpu:
@@ -207,10 +208,10 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     argv = {key: a for key, a, _ in gpu.calls}
     assert _flag(argv["maxlen"], "--length") == str(m["length"])
     assert "--gpu-mem-gib" not in argv["maxlen"]  # the device's own memory: no cap
-    assert argv["qwen2.5-7b-plain-32k"][-8:] == ["--loss-chunk", "none", "--mlp-chunks", "none", "--attention", "sdpa",
-                                                 "--steps", "2"]
-    assert argv["qwen2.5-7b-ours-32k"][-8:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto", "--attention",
-                                                "spbench", "--steps", "2"]
+    assert argv["qwen2.5-7b-plain-32k"][-9:] == ["--loss-chunk", "none", "--mlp-chunks", "none",
+                                                 "--gradient-checkpointing", "--attention", "sdpa", "--steps", "2"]
+    assert argv["qwen2.5-7b-ours-32k"][-9:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto",
+                                                "--gradient-checkpointing", "--attention", "spbench", "--steps", "2"]
     assert _flag(argv["maxlen"], "--attention") == "spbench" and _flag(argv["maxlen"], "--steps") == "1"
     assert [_flag(argv["dist"], f) for f in ("--nproc", "--sp", "--method", "--backend", "--length")] == \
         ["2", "2", "ulysses", "gloo-cuda", "65536"]
