@@ -11,14 +11,18 @@ import torch
 import yaml
 
 from .attention import METHODS
-from .kernels import KERNELS
+from .attention.kernels import KERNELS
 from .losses import PREF_LOSSES
+from .memory import MemoryFeatures
+from .errors import InputError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULERS = ("constant", "linear", "cosine")
+ATTENTION = ("auto", "runtime", "sdpa")
+_MEMORY = MemoryFeatures()  # the one set of memory-feature defaults (runtime/memory.py)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value that cannot work; the message names the key, the value and the fix."""
 
 
@@ -38,6 +42,7 @@ class TrainConfig:
     sequence_parallel_size: int = field(default=1, metadata={"doc": "ranks that share one sequence (1 = SP off)"})
     sequence_parallel_mode: str = field(default="zigzag", metadata={"doc": "ulysses | ring | zigzag | hybrid | allgather"})
     ulysses_degree: int | str = field(default="auto", metadata={"doc": "hybrid only: Ulysses degree, or auto"})
+    attention: str = field(default="auto", metadata={"doc": "auto (the runtime's SP attention when sequence_parallel_size > 1 or packing, else transformers' sdpa) | runtime | sdpa"})
     attention_kernel: str = field(default="auto", metadata={"doc": "local attention kernel: auto | " + " | ".join(KERNELS)})
     per_device_train_batch_size: int = field(default=1, metadata={"doc": "rows per micro-batch (dpo: pairs)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"doc": "micro-batches per optimizer step"})
@@ -49,10 +54,10 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"doc": "clip the reduced gradient to this norm (0 = no clipping)"})
     dtype: str = field(default="bfloat16", metadata={"doc": "float64 | float32 | bfloat16 (parameters and compute)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"doc": "recompute each decoder layer in backward"})
-    tiled_loss_chunk: int | None = field(default=8192, metadata={"doc": "tokens per logits chunk (null = full logits)"})
-    tiled_mlp_chunks: int | str | None = field(default=None, metadata={"doc": "sequence chunks per MLP call: an int, auto (≈ hidden_size tokens each, from cutoff_len / SP), or null"})
-    checkpoint_offload: bool = field(default=False, metadata={"doc": "keep the checkpointed hidden states in CPU memory (needs gradient_checkpointing)"})
+    gradient_checkpointing: bool = field(default=_MEMORY.gradient_checkpointing, metadata={"doc": "recompute each decoder layer in backward"})
+    tiled_loss_chunk: int | None = field(default=_MEMORY.tiled_loss_chunk, metadata={"doc": "tokens per logits chunk (null = full logits)"})
+    tiled_mlp_chunks: int | str | None = field(default=_MEMORY.tiled_mlp_chunks, metadata={"doc": "sequence chunks per MLP call: an int, auto (≈ hidden_size tokens each over the rows × cutoff_len / SP tokens a rank holds), or null"})
+    checkpoint_offload: bool = field(default=_MEMORY.checkpoint_offload, metadata={"doc": "keep the checkpointed hidden states in CPU memory (needs gradient_checkpointing)"})
     deepspeed: str | None = field(default=None, metadata={"doc": "path to a DeepSpeed JSON config (ZeRO-2/3, offload) or null"})
     seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
     output_dir: str = field(default="out/run", metadata={"doc": "metrics.jsonl, config.json, provenance.json go here"})
@@ -81,13 +86,35 @@ class TrainConfig:
         need(self.max_samples is None or self.max_samples >= 1, f"max_samples must be ≥ 1, got {self.max_samples}")
         need(self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown; use one of {', '.join(SCHEDULERS)}")
         need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-        need(self.tiled_loss_chunk is None or self.tiled_loss_chunk >= 1, "tiled_loss_chunk must be ≥ 1 or null")
-        need(self.tiled_mlp_chunks in (None, "auto") or (isinstance(self.tiled_mlp_chunks, int) and self.tiled_mlp_chunks >= 1),
-             f"tiled_mlp_chunks must be null, auto or an integer ≥ 1, got {self.tiled_mlp_chunks!r}")
-        need(not self.checkpoint_offload or self.gradient_checkpointing,
-             "checkpoint_offload needs gradient_checkpointing: true (it offloads the checkpointed hidden states)")
+        try:
+            self.memory_features  # noqa: B018 — MemoryFeatures validates the four memory keys
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        need(self.attention in ATTENTION, f"attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION)}")
+        need(self.attention != "sdpa" or (self.sequence_parallel_size == 1 and not self.packing),
+             "attention: sdpa (transformers' own) cannot shard a sequence or keep packed samples apart; "
+             "use attention: auto or runtime with sequence_parallel_size > 1 or packing")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is unknown; use auto, cpu or cuda")
         need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
+
+    @property
+    def memory_features(self) -> MemoryFeatures:
+        """The memory features this run uses (runtime/memory.py)."""
+        return MemoryFeatures(tiled_loss_chunk=self.tiled_loss_chunk, tiled_mlp_chunks=self.tiled_mlp_chunks,
+                              checkpoint_offload=self.checkpoint_offload,
+                              gradient_checkpointing=self.gradient_checkpointing)
+
+    @property
+    def rows_per_micro_batch(self) -> int:
+        """Sequences in one micro-batch: per_device_train_batch_size, × 2 for DPO (chosen and rejected rows)."""
+        return self.per_device_train_batch_size * (2 if self.stage == "dpo" else 1)
+
+    @property
+    def uses_sp_attention(self) -> bool:
+        """Whether attention runs through the runtime (SP, packing, or asked for) instead of transformers' sdpa."""
+        if self.attention == "auto":
+            return self.sequence_parallel_size > 1 or self.packing
+        return self.attention == "runtime"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from .blockattn import SeqMeta
+from .attention.blockattn import SeqMeta
 from .layout import ShardPlan, document_position_ids, pad_to
 from .losses import IGNORE
+from .errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Unusable data: the message names the file, line and field."""
 
 
@@ -202,6 +203,7 @@ class MicroBatch:
       doc_ids  : document index within the row, −1 on padding
       seq_slot : dpo sequence slot per token (−1: padding), so per-sequence sums can be scattered
     pairs    : dpo (chosen slot, rejected slot) per pair in this micro-batch
+    num_slots: sequence slots in use (seq_slot.max() + 1), known without reading a tensor back
     packed   : rows hold several documents (attention needs document masks)
     """
 
@@ -211,15 +213,12 @@ class MicroBatch:
     doc_ids: torch.Tensor
     seq_slot: torch.Tensor
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    num_slots: int = 1
     packed: bool = False
 
     @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
-
-    @property
-    def num_slots(self) -> int:
-        return int(self.seq_slot.max()) + 1
 
 
 def collate(units: list[Unit], pad_id: int) -> MicroBatch:
@@ -252,6 +251,7 @@ def collate(units: list[Unit], pad_id: int) -> MicroBatch:
         doc_ids=doc_ids,
         seq_slot=stack(slots, -1),
         pairs=pairs,
+        num_slots=max(1, len(slot_of)),
         packed=any(len(r) > 1 for r in rows),
     )
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from .errors import InputError
 
 Segment = tuple[int, int]
 Segments = tuple[Segment, ...]
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """A layout request that cannot be satisfied; the message names the numbers."""
 
 

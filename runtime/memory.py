@@ -58,10 +58,10 @@ class MemoryFeatures:
     def __post_init__(self) -> None:
         c = self.tiled_loss_chunk
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise ValueError(f"tiled_loss_chunk must be None or an int >= 1, got {c!r}")
+            raise ValueError(f"tiled_loss_chunk must be null (None) or an integer >= 1, got {c!r}")
         m = self.tiled_mlp_chunks
         if m is not None and m != AUTO and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"tiled_mlp_chunks must be None, 'auto' or an int >= 1, got {m!r}")
+            raise ValueError(f"tiled_mlp_chunks must be null (None), auto or an integer >= 1, got {m!r}")
         if self.checkpoint_offload and not self.gradient_checkpointing:
             raise ValueError("checkpoint_offload needs gradient_checkpointing (it offloads the checkpointed "
                              "hidden states); turn gradient checkpointing on or checkpoint offload off")
@@ -77,6 +77,13 @@ class MemoryFeatures:
 
 
 # ----------------------------------------------------------------------------------------------- tiled MLP
+def shard_tokens(seq_len: int, sp: int, rows: int) -> int:
+    """Tokens one rank holds of a micro-batch of `rows` sequences of `seq_len` tokens split over `sp` ranks:
+    rows × ceil(seq_len / sp). The trainer and the memory model both size the tiled MLP from it (DPO: rows
+    counts chosen and rejected). E.g. (70000, 8, 2) → 17500."""
+    return rows * math.ceil(seq_len / sp)
+
+
 def mlp_chunks_for(shard_tokens: int, hidden_size: int) -> int:
     """Chunk count so each MLP chunk has ≤ hidden_size tokens: ceil(shard_tokens / hidden_size), at least 1.
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
+from .errors import InputError
 
 _ARCH = {"qwen2": Qwen2Config, "llama": LlamaConfig}
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """An unknown preset or an unusable checkpoint path."""
 
 

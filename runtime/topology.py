@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from .errors import InputError
 
 
-class TopologyError(ValueError):
+class TopologyError(InputError):
     """A parallel layout that cannot be built; the message names the numbers and the fix."""
 
 
@@ -130,6 +131,15 @@ class ParallelContext:
     ring_group: dist.ProcessGroup | None
     dp_group: dist.ProcessGroup | None
     world_group: dist.ProcessGroup | None = field(default=None)
+    owned: tuple = field(default=(), repr=False)
+    """The groups `build_parallel_context` created for this rank (what `destroy` releases)."""
+
+    def destroy(self) -> None:
+        """Release the groups this context created (every rank of a job calls it when the job is done), so a
+        process that runs many jobs does not accumulate communicators."""
+        for group in self.owned:
+            dist.destroy_process_group(group)
+        self.owned = ()
 
     @property
     def sp_rank(self) -> int:
@@ -176,5 +186,6 @@ def build_parallel_context(sp: int, ulysses: int = 1) -> ParallelContext:
         ring_group=mine["ring_groups"],
         dp_group=mine["dp_groups"],
         world_group=dist.group.WORLD,
+        owned=tuple(mine.values()),
     )
 

@@ -9,6 +9,7 @@ denominator), clipped on the reduced gradient, and the optimizer steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -18,13 +19,14 @@ from typing import Callable
 import torch
 
 from .attention import SPAttention, resolve_ulysses, shard_plan
+from .attention.hf import SPBatch, register_sp_attention
+from .attention.kernels import select_kernel
 from .comm import all_reduce_, sum_shards
 from .config import DTYPES, ConfigError, TrainConfig
-from .data import SYNTHETIC, DataError, load_tokenizer, LocalBatch, StepSchedule, build_units, read_jsonl, shard_batch, synthetic_records
-from .hf import SPBatch, register_sp_attention
-from .kernels import select_kernel
+from .data import (SYNTHETIC, DataError, LocalBatch, MicroBatch, StepSchedule, build_units, load_tokenizer, read_jsonl,
+                   shard_batch, synthetic_records)
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
-from .memory import apply_tiled_mlp, checkpoint_offload, enable_gradient_checkpointing, mlp_chunks_for
+from .memory import OffloadStats, checkpoint_offload, prepare_model, resolve_mlp_chunks, shard_tokens
 from .models import build_model, model_config
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
@@ -69,22 +71,51 @@ def context_for(cfg: TrainConfig) -> ParallelContext:
     return build_parallel_context(cfg.sequence_parallel_size, u)
 
 
+def build_schedule(cfg: TrainConfig, dp: int, tokenizer, vocab: int) -> StepSchedule:
+    """The run's data: records (synthetic or read), cut into units, scheduled over steps and `dp` replicas.
+
+    Pure Python and CPU tensors, built before the model: a fake-tensor trace builds it outside the trace."""
+    if cfg.dataset in SYNTHETIC:
+        records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, vocab, cfg.seed,
+                                    full=cfg.dataset == "synthetic-full")
+    else:
+        records = read_jsonl(cfg.dataset, cfg.stage, tokenizer)[: cfg.max_samples]
+    if max((max(v) for r in records for v in r.values() if v), default=0) >= vocab:
+        raise ConfigError(f"dataset token ids exceed the model's vocabulary ({vocab})")
+    units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tokenizer.eos_id)
+    sched = StepSchedule(units, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, dp, cfg.seed)
+    if sched.global_batch > len(units):
+        raise ConfigError(f"global batch {sched.global_batch} (batch × grad accum × dp) exceeds the {len(units)} rows "
+                          f"of the dataset; lower per_device_train_batch_size or gradient_accumulation_steps")
+    return sched
+
+
+def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` on `device`: moved only if some tensor is elsewhere (a checkpoint loaded on the host), so a model
+    built in place (presets, fake-tensor traces) is never copied."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device == device for t in tensors) else model.to(device)
+
+
 class TokenLogProbs(torch.nn.Module):
     """A causal LM that returns log p(target) per token ([b, s]) instead of logits.
 
     It is the unit DeepSpeed wraps, so ZeRO-3's module hooks see one top-level forward per
     micro-batch (calling the decoder and lm_head separately left ZeRO-3 gradients wrong).
     Logits go through `token_logprobs` (tiled when `chunk_tokens` is set); with `offload`,
-    the checkpointed hidden states of the decoder live in CPU memory.
+    the checkpointed hidden states of the decoder live in CPU memory (`last_offload` counts
+    what the latest forward moved there).
     """
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int | None, offload: bool):
         super().__init__()
         self.lm, self.chunk_tokens, self.offload = lm, chunk_tokens, offload
+        self.last_offload = OffloadStats()
 
     def forward(self, input_ids, position_ids, targets, **kwargs) -> torch.Tensor:
-        ctx = checkpoint_offload() if self.offload and torch.is_grad_enabled() else contextlib.nullcontext()
-        with ctx:
+        offload = self.offload and torch.is_grad_enabled()
+        with checkpoint_offload() if offload else contextlib.nullcontext(OffloadStats()) as stats:
+            self.last_offload = stats
             hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, **kwargs).last_hidden_state
         return token_logprobs(hidden, self.lm.get_output_embeddings(), targets, self.chunk_tokens)
 
@@ -104,7 +135,7 @@ class Trainer:
     `capture_grads=True` the reduced step-0 gradients are kept in `step0_grads`.
     """
 
-    def __init__(self, cfg: TrainConfig, pc: ParallelContext | None = None):
+    def __init__(self, cfg: TrainConfig, pc: ParallelContext | None = None, schedule: StepSchedule | None = None):
         self.cfg = cfg
         self.pc = pc or single_process_context()
         sp = cfg.sequence_parallel_size
@@ -120,52 +151,41 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES[cfg.dtype]
         # SP off and nothing packed: transformers' own SDPA attention is the independent reference.
-        self.uses_sp_attention = sp > 1 or cfg.packing
+        self.uses_sp_attention = cfg.uses_sp_attention
         attn_impl = register_sp_attention() if self.uses_sp_attention else "sdpa"
         with torch.device(self.device):  # weights made where they live: no host copy of a 7B model per rank
-            self.model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
+            self.model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed), self.device)
             self.ref_model = None
             if cfg.stage == "dpo" and cfg.pref_loss != "simpo":  # simpo is reference-free
-                self.ref_model = build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed).to(self.device)
+                self.ref_model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed),
+                                        self.device)
                 self.ref_model.eval().requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        if cfg.tiled_mlp_chunks is not None:
-            # One chunk count for every rank and micro-batch (F11: differing counts hang ZeRO-3).
-            shard_tokens = -(-cfg.cutoff_len // sp) * cfg.per_device_train_batch_size
-            n = mlp_chunks_for(shard_tokens, mcfg.hidden_size) if cfg.tiled_mlp_chunks == "auto" else cfg.tiled_mlp_chunks
-            apply_tiled_mlp(self.model, n)
+        # One MLP chunk count for every rank and micro-batch, from the global shard length (F11: differing
+        # counts hang ZeRO-3); the memory model sizes it the same way (runtime.memory.shard_tokens).
+        self.features = cfg.memory_features
+        self.shard_tokens = shard_tokens(cfg.cutoff_len, sp, cfg.rows_per_micro_batch)
+        self.mlp_chunks = resolve_mlp_chunks(self.features, self.shard_tokens, mcfg.hidden_size)
+        prepare_model(self.model, self.features, self.shard_tokens, mcfg.hidden_size)
         self.model.train()
         self.policy = TokenLogProbs(self.model, cfg.tiled_loss_chunk, cfg.checkpoint_offload)
-        if self.ref_model is not None:
+        if self.ref_model is not None:  # no-grad forward: tiled MLP pieces run one after another, nothing saved
+            prepare_model(self.ref_model, dataclasses.replace(self.features, gradient_checkpointing=False,
+                                                              checkpoint_offload=False),
+                          self.shard_tokens, mcfg.hidden_size)
             self.ref_model = TokenLogProbs(self.ref_model, cfg.tiled_loss_chunk, offload=False)
         self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
                                      select_kernel(cfg.attention_kernel, self.device, self.dtype))
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
-        self.schedule = self._schedule()
+        self.schedule = schedule or build_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
         self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # foreach: the CUDA default, made explicit so CPU runs and CPU traces use the same update
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.max_steps))
         self.engine = self._deepspeed() if cfg.deepspeed else None
         self.step0_grads: dict[str, torch.Tensor] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------
-    def _schedule(self) -> StepSchedule:
-        cfg, tok = self.cfg, self.tokenizer
-        if cfg.dataset in SYNTHETIC:
-            records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, self.shapes.vocab, cfg.seed,
-                                        full=cfg.dataset == "synthetic-full")
-        else:
-            records = read_jsonl(cfg.dataset, cfg.stage, tok)[: cfg.max_samples]
-        if max((max(v) for r in records for v in r.values() if v), default=0) >= self.shapes.vocab:
-            raise ConfigError(f"dataset token ids exceed the model's vocabulary ({self.shapes.vocab})")
-        units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tok.eos_id)
-        sched = StepSchedule(units, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, self.pc.grid.dp, cfg.seed)
-        if sched.global_batch > len(units):
-            raise ConfigError(f"global batch {sched.global_batch} (batch × grad accum × dp) exceeds the {len(units)} rows "
-                              f"of the dataset; lower per_device_train_batch_size or gradient_accumulation_steps")
-        return sched
-
     def _deepspeed(self):
         import deepspeed
 
@@ -193,25 +213,25 @@ class Trainer:
 
     def _sequence_sums(self, logp: torch.Tensor, lb: LocalBatch, n: int):
         """Global per-sequence (log-prob sum, supervised length) for the n dpo slots of this micro-batch."""
-        valid = lb.seq_slot >= 0
-        slots = lb.seq_slot[valid]
-        sums = logp.new_zeros(n).index_add(0, slots, logp[valid])
-        lens = logp.new_zeros(n).index_add(0, slots, (lb.targets[valid] != IGNORE).to(logp.dtype))
+        # padding (slot −1) lands in bucket 0, which is dropped: no data-dependent shapes (fake-tensor traces)
+        bucket = (lb.seq_slot + 1).reshape(-1)
+        sums = logp.new_zeros(n + 1).index_add(0, bucket, logp.reshape(-1))[1:]
+        supervised = (lb.targets != IGNORE).to(logp.dtype).reshape(-1)
+        lens = logp.new_zeros(n + 1).index_add(0, bucket, supervised)[1:]
         return sum_shards(sums, self.pc.sp_group), all_reduce_(lens.detach(), self.pc.sp_group)
 
     def _micro_step(self, lb: LocalBatch, pairs, n_slots: int, denom: int, stats: dict) -> torch.Tensor:
         """This rank's share of the step objective for one micro-batch (to back-propagate)."""
-        logp = self._logprobs(self.engine or self.policy, lb)
         if self.cfg.stage == "sft":
-            loss = sft_loss(logp, lb.targets, denom)
+            loss = sft_loss(self._logprobs(self.engine or self.policy, lb), lb.targets, denom)
             stats["loss"] += loss.detach() * denom  # report the objective actually back-propagated
             return loss
-        pi, lens = self._sequence_sums(logp, lb, n_slots)
-        if self.ref_model is not None:
+        ref = None
+        if self.ref_model is not None:  # first, as DPO trainers precompute it: no policy activations alive yet
             with torch.no_grad():
                 ref, _ = self._sequence_sums(self._logprobs(self.ref_model, lb), lb, n_slots)
-        else:
-            ref = torch.zeros_like(pi)
+        pi, lens = self._sequence_sums(self._logprobs(self.engine or self.policy, lb), lb, n_slots)
+        ref = torch.zeros_like(pi) if ref is None else ref
         c, r = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
         out = preference_loss(self.cfg.pref_loss, pi[c], pi[r], ref[c], ref[r], lens[c], lens[r],
                               self.cfg.pref_beta, self.cfg.simpo_gamma)
@@ -234,15 +254,23 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 all_reduce_(p.grad, self.pc.world_group)
 
-    def step(self, step: int, capture_grads: bool = False) -> dict:
-        """Run optimizer step `step`; returns its metrics (identical on every rank)."""
+    def step(self, step: int, capture_grads: bool = False, micro_batches: list[MicroBatch] | None = None,
+             read_back: bool = True) -> dict:
+        """Run optimizer step `step`; returns its metrics (identical on every rank).
+
+        `micro_batches`: this rank's micro-batches of the step (default: from the schedule), for a caller that
+        prepares the data outside a fake-tensor trace. `read_back=False` leaves loss and grad-norm values as
+        tensors (a fake-tensor trace has no values to read).
+        """
         cfg, t0 = self.cfg, time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         denom = self.schedule.step_denominator(step, cfg.stage)
         keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
         stats = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
         world = self.pc.grid.world
-        for mb in self.schedule.micro_batches(step, self.pc.dp_rank, self.tokenizer.pad_id):
+        if micro_batches is None:
+            micro_batches = self.schedule.micro_batches(step, self.pc.dp_rank, self.tokenizer.pad_id)
+        for mb in micro_batches:
             lb = shard_batch(mb, self._plan, self.pc.sp_rank, self.device)
             loss = self._micro_step(lb, mb.pairs, mb.num_slots, denom, stats)
             if self.engine is None:
@@ -255,17 +283,18 @@ class Trainer:
             if capture_grads:
                 self.step0_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            grad_norm = float(self.engine.get_global_grad_norm())
+            grad_norm = self.engine.get_global_grad_norm()
         # sft sums are disjoint over every rank; dpo pair values repeat on each SP rank: sum over DP only
         vec = torch.stack([stats[k] for k in keys])
         all_reduce_(vec, self.pc.world_group if cfg.stage == "sft" else self.pc.dp_group)
-        metrics = {"step": step, "grad_norm": grad_norm, "lr": lr, "tokens": self.schedule.step_tokens(step)}
-        metrics.update({k: float(v) / max(denom, 1) for k, v in zip(keys, vec)})
+        read = float if read_back else (lambda t: t)
+        metrics = {"step": step, "grad_norm": read(grad_norm), "lr": lr, "tokens": self.schedule.step_tokens(step)}
+        metrics.update({k: read(v) / max(denom, 1) for k, v in zip(keys, vec)})
         metrics["step_time_s"] = time.perf_counter() - t0
         return metrics
 

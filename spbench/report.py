@@ -8,52 +8,31 @@ token) and ours vs plain against issue 5's goals. Each file's provenance follows
 """
 from __future__ import annotations
 
-import argparse
 import io
 import re
 from collections import defaultdict
 from pathlib import Path
 
-from .errors import UsageError
-from .gpuresults import comparison_lines, detail
-from .results import (GPU_CHECK_SCHEMA, MAXLEN_SCHEMA, SCHEMA, load_results, rel_errors, write_bytes_atomic,
-                      write_text_atomic)
+from .check.tolerances import rel_errors
+from .common.errors import UsageError
+from .common.results import load_results, write_bytes_atomic, write_text_atomic
+from .common.schemas import GPU_CHECK, MAXLEN, PARITY
 
-EPILOG = """examples:
-  spbench report reports/ci.json --out reports/ci
-  spbench report reports/ci.json reports/nightly.json reports/maxlen.json --out reports/all
-"""
 ERR_FLOOR = 1e-18  # log-scale error plot: an exact match (error 0) is drawn at this floor
-
-
-def register(subs) -> None:
-    p = subs.add_parser("report", help="render results files as Markdown tables and PNG plots",
-                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", metavar="RESULTS.json",
-                   help="parity (spbench.results/1), max-length (spbench.maxlen/1) or gpu-check "
-                        "(spbench.gpu-check/1) results files")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the PNGs (created)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    path = render(args.results, args.out)
-    print(f"report: wrote {path}")
-    return 0
 
 
 def render(paths, out_dir) -> Path:
     """Write report.md and its PNGs into `out_dir`, one section per results file; returns report.md's path."""
     if not paths:
         raise UsageError("no results files given; pass at least one RESULTS.json")
-    docs = [(Path(p), load_results(p, (SCHEMA, MAXLEN_SCHEMA, GPU_CHECK_SCHEMA))) for p in paths]  # all valid first
+    docs = [(Path(p), load_results(p, (PARITY, MAXLEN, GPU_CHECK))) for p in paths]  # all valid first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# spbench report", ""]
     for i, (path, doc) in enumerate(docs, 1):
-        if doc["schema"] == SCHEMA:
+        if doc["schema"] == PARITY:
             lines += _parity_section(doc, path, out, prefix=f"{i}-{_slug(path.stem)}")
-        elif doc["schema"] == GPU_CHECK_SCHEMA:
+        elif doc["schema"] == GPU_CHECK:
             lines += _gpu_check_section(doc, path)
         else:
             lines += _maxlen_section(doc, path)
@@ -149,6 +128,8 @@ def _save(fig, ax, out: Path, name: str) -> str:
 
 
 def _gpu_check_section(doc: dict, path: Path) -> list[str]:
+    from .gpu.results import comparison_lines, detail  # only here: the GPU plan imports the memory model (torch)
+
     device = (doc.get("device") or {}).get("name", "?")
     verdict = "PASSED" if doc.get("passed") else "FAILED"
     lines = [f"## GPU check ({path.name}): {verdict}{'' if doc.get('complete') else ' (incomplete)'} on {device}", "",

@@ -1,0 +1,147 @@
+"""Parity: the same training with SP off (reference) and on, compared number by number.
+
+Each case (check/cases.py) trains the same global batch twice: the reference in this process (SP=1, DP=1,
+grad-accum = dp × ga, transformers' own SDPA attention unless packing), and the SP run on a pool of local
+ranks (one pool per world size, reused across cases). It compares the per-step loss and grad-norm curves,
+step-0 per-parameter gradients (not under ZeRO, where they are partitioned) and, for DPO, rewards and
+log-probs, each against its tolerance (check/tolerances.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+
+from runtime.config import from_dict
+from runtime.train import DPO_KEYS, Trainer
+
+from ..common.backend import rank_device
+from ..common.deepspeed import deepspeed_files
+from ..common.errors import RankError
+from ..common.jobs import train_on_rank
+from ..common.pool import RankPool
+from .cases import Case
+from .tolerances import TOLERANCES, ZERO, rel_err
+
+
+def dpo_error(case: Case, key: str, r: dict, s: dict) -> float:
+    """Relative error of one DPO quantity. Rewards β(π − ρ) are differences of near-equal log-probs
+    (0 at step 0), so they are measured against β·|log p|, the scale they are computed from.
+    Accuracies (a 0/1 average that flips when a margin is ~0) are compared only in float64."""
+    scale = abs(r[key])
+    if key.startswith("rewards/"):
+        beta = case.config.get("pref_beta", 0.1)
+        scale = max(scale, beta * max(abs(r["logps/chosen"]), abs(r["logps/rejected"])))
+    diff = abs(s[key] - r[key])  # NaN stays NaN and fails every `err <= tol`
+    return diff / scale if scale > 0 else diff
+
+
+def judge_case(case: Case, ref: dict, sp: dict) -> dict:
+    """Case result (schema spbench.results/1) from the reference and SP runs' outputs."""
+    tol = TOLERANCES[case.dtype]
+    gn_tol = max(tol["grad"], ZERO["grad_norm"]) if case.zero else tol["grad"]
+    dpo_tol = max(tol["loss"], ZERO["dpo"]) if case.zero else tol["loss"]
+    rm, sm = ref["metrics"], sp["metrics"]
+    failures = []
+    loss_err = [rel_err(s["loss"], r["loss"]) for r, s in zip(rm, sm)]
+    gn_err = [rel_err(s["grad_norm"], r["grad_norm"]) for r, s in zip(rm, sm)]
+    if len(rm) != len(sm):
+        failures.append(f"step count {len(sm)} != reference {len(rm)}")
+    for i, (le, ge) in enumerate(zip(loss_err, gn_err)):
+        if not le <= tol["loss"]:
+            failures.append(f"loss step {i}: rel err {le:.3g} > {tol['loss']:.0e} ({sm[i]['loss']!r} vs {rm[i]['loss']!r})")
+        if not ge <= gn_tol:
+            failures.append(f"grad_norm step {i}: rel err {ge:.3g} > {gn_tol:.0e}")
+    worst_param, param_err = None, None
+    if ref.get("grads") and sp.get("grads"):
+        param_err, worst_param = max(((sp["grads"][n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30), n)
+                                     for n, g in ref["grads"].items())
+        if not param_err <= tol["grad"]:
+            failures.append(f"step-0 grad of {worst_param}: rel err {param_err:.3g} > {tol['grad']:.0e}")
+    dpo_err = None
+    if case.stage == "dpo":
+        dpo_err = max(dpo_error(case, k, r, s) for r, s in zip(rm, sm) for k in DPO_KEYS
+                      if case.dtype == "float64" or k != "rewards/accuracies")
+        if not dpo_err <= dpo_tol:
+            failures.append(f"dpo rewards/logps: max rel err {dpo_err:.3g} > {dpo_tol:.0e}")
+    return {
+        **case.fields(), "passed": not failures, "error": None,
+        "tolerance": {"loss": tol["loss"], "grad": tol["grad"]},
+        "metrics": {"max_loss_rel_err": max(loss_err, default=None), "max_grad_norm_rel_err": max(gn_err, default=None),
+                    "max_param_grad_rel_err": param_err, "worst_param": worst_param, "max_dpo_rel_err": dpo_err},
+        "failures": failures,
+        "ref_losses": [m["loss"] for m in rm], "sp_losses": [m["loss"] for m in sm],
+        "ref_grad_norms": [m["grad_norm"] for m in rm], "sp_grad_norms": [m["grad_norm"] for m in sm],
+    }
+
+
+def error_result(case: Case, message: str) -> dict:
+    """The result of a case whose SP run crashed or timed out."""
+    return {**case.fields(), "passed": False, "error": message, "failures": [], "ref_losses": [], "sp_losses": [],
+            "ref_grad_norms": [], "sp_grad_norms": [], "metrics": {}, "tolerance": TOLERANCES[case.dtype]}
+
+
+def run_reference(case: Case, device: str = "cpu") -> dict:
+    trainer = Trainer(case.train_config(sp_on=False, device=device))
+    metrics = trainer.train(capture_grads=True)
+    return {"metrics": metrics, "grads": {k: v.double() for k, v in trainer.step0_grads.items()}}
+
+
+def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, log=print,
+              pools: dict[int, RankPool] | None = None, refs: dict[str, dict] | None = None,
+              sp_job: Callable = train_on_rank) -> list[dict]:
+    """Run every case (grouped by world size, one rank pool each); crashes become error results.
+
+    `pools` (world → RankPool) and `refs` (reference cache) may be shared between calls. `sp_job(info,
+    cfg_values, capture_grads)` is the rank job of the SP run (the fault catalogue passes one with a bug
+    injected); the reference always runs the clean trainer in this process.
+    """
+    results: dict[str, dict] = {}
+    refs = {} if refs is None else refs
+    device = rank_device(backend)  # nccl / gloo-cuda ranks hold CUDA tensors
+    with deepspeed_files() as deepspeed:
+        for world in sorted({c.world for c in cases}):
+            owned = pools is None or world not in pools
+            pool = RankPool(world, backend=backend, timeout=timeout) if owned else pools[world]
+            with pool if owned else contextlib.nullcontext():
+                for c in (c for c in cases if c.world == world):
+                    t0 = time.perf_counter()
+                    results[c.name] = res = _run_case(c, pool, device, deepspeed, refs, sp_job)
+                    res["wall_s"] = round(time.perf_counter() - t0, 3)
+                    _log_case(log, res, len(results), len(cases))
+    return [results[c.name] for c in cases]
+
+
+def _run_case(c: Case, pool: RankPool, device: str, deepspeed, refs: dict, sp_job: Callable) -> dict:
+    try:
+        key = repr(sorted(c.train_config(sp_on=False, device=device).to_dict().items()))
+        if key not in refs:
+            refs[key] = run_reference(c, device)
+        sp_cfg = c.train_config(sp_on=True, device=device, deepspeed=deepspeed).to_dict()
+        return judge_case(c, refs[key], pool.run(sp_job, sp_cfg, not c.zero)[0])
+    except RankError as e:
+        print(str(e), file=sys.stderr)
+        return error_result(c, str(e).splitlines()[0] + " (see stderr)")
+
+
+def _log_case(log, res: dict, done: int, total: int) -> None:
+    verdict = "PASS" if res["passed"] else ("ERROR" if res["error"] else "FAIL")
+    m = res["metrics"]
+    grad = max(x for x in (m.get("max_grad_norm_rel_err"), m.get("max_param_grad_rel_err"), 0.0) if x is not None)
+    log(f"[{done:>3}/{total}] {verdict:<5} {res['name']:<40} loss {m.get('max_loss_rel_err', float('nan')):.1e}"
+        f"  grad {grad:.1e}  ({res['wall_s']:.1f} s)")
+    for f in res["failures"] + ([res["error"]] if res["error"] else []):
+        log(f"        {f}")
+
+
+def noise_floor(dtype: str, steps: int = 3, model: str = "tiny", device: str = "cpu") -> dict:
+    """Relative loss / grad-norm gaps between two SP-off runs of the same global batch that differ only
+    in how the batch is split (so only in reduction order): the floor a dtype's tolerance must clear."""
+    base = {"model_name_or_path": model, "dtype": dtype, "cutoff_len": 48, "max_samples": 16, "max_steps": steps,
+            "learning_rate": 1e-3, "device": device}
+    a = Trainer(from_dict({**base, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4})).train()
+    b = Trainer(from_dict({**base, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})).train()
+    return {"dtype": dtype, "model": model, "device": device,
+            "loss_rel_gap": [rel_err(x["loss"], y["loss"]) for x, y in zip(a, b)],
+            "grad_norm_rel_gap": [rel_err(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b)]}

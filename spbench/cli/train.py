@@ -1,0 +1,93 @@
+"""`spbench train CONFIG.yaml [--nproc N]`: an SFT/DPO run with metrics.jsonl, config.json, provenance.json.
+
+Spawns N local ranks (gloo on CPU, NCCL with one GPU per rank), or, under torchrun
+(RANK/WORLD_SIZE set by it), runs as one of torchrun's ranks.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.config import config_fields, load_config
+from runtime.train import device_type, preflight
+
+from ..common.backend import BACKENDS, choose_backend
+from ..common.jobs import train_on_rank
+from ..common.pool import RankInfo, RankPool
+from ..common.results import append_jsonl, provenance, write_json_atomic
+
+EPILOG = """examples:
+  spbench train examples/sft_tiny.yaml --nproc 4
+  torchrun --nnodes 2 --nproc-per-node 8 -m spbench train run.yaml
+config keys:
+""" + "\n".join(f"  {k:<30} {doc}" for k, doc in config_fields().items())
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="YAML config (keys below; LLaMA-Factory names)")
+    p.add_argument("--nproc", type=int, default=None, help="local ranks to spawn (default: sequence_parallel_size)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: gloo on CPU, NCCL with a GPU per rank, else gloo-cuda (ranks share GPUs)")
+    p.add_argument("--timeout", type=float, default=7 * 24 * 3600, help="seconds before the ranks are killed")
+
+
+class MetricsLog:
+    """on_step callback of rank 0: append each step to metrics.jsonl and show progress."""
+
+    def __init__(self, out: Path, total: int | None):
+        self.path, self.total = out / "metrics.jsonl", total
+        self.tokens, self.seconds = 0, 0.0  # supervised tokens and step time so far (rank start-up excluded)
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, m: dict) -> None:
+        append_jsonl(self.path, m)
+        self.tokens += m["tokens"] or 0
+        self.seconds += m["step_time_s"]
+        rate = self.tokens / max(self.seconds, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        line = f"step {m['step'] + 1}{of}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3g}  {rate:,.0f} tok/s"
+        if self.tty or (m["step"] + 1) % 10 == 0 or m["step"] + 1 == self.total:  # quiet when not a TTY
+            print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    cfg = load_config(args.config)
+    if "RANK" not in os.environ:
+        preflight(cfg, args.nproc or cfg.sequence_parallel_size)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json_atomic(out / "config.json", cfg.to_dict())
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        return _torchrun(cfg, out, args)
+    nproc = args.nproc or cfg.sequence_parallel_size
+    backend = choose_backend(args.backend, nproc, device_type(cfg))
+    t0 = time.perf_counter()
+    with RankPool(nproc, backend=backend, timeout=args.timeout) as pool:
+        pool.run(train_on_rank, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps))
+    print(file=sys.stderr)
+    write_json_atomic(out / "provenance.json", provenance(" ".join(["spbench", *sys.argv[1:]]), backend, nproc, cfg.seed,
+                                                          time.perf_counter() - t0))
+    print(f"train: done; {out / 'metrics.jsonl'}")
+    return 0
+
+
+def _torchrun(cfg, out: Path, args) -> int:
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    info = RankInfo(dist.get_rank(), dist.get_world_size(), backend, "cuda" if backend == "nccl" else "cpu")
+    t0 = time.perf_counter()
+    train_on_rank(info, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps))
+    if info.rank == 0:
+        write_json_atomic(out / "provenance.json", provenance(" ".join(sys.argv), backend, info.world, cfg.seed,
+                                                              time.perf_counter() - t0))
+    dist.destroy_process_group()
+    return 0

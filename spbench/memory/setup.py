@@ -1,0 +1,129 @@
+"""What the memory model describes: a model's shape and one training setup per GPU.
+
+`Setup` is the memory model's input (memory/model.py); `Setup.from_config` derives it from a `TrainConfig`,
+so the memory model sees the features and token counts the trainer resolves (tests/test_memmodel.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.memory import MemoryFeatures, shard_tokens
+from runtime.models import model_config
+
+from ..common.deepspeed import check_offload
+from ..common.units import GiB
+
+CUDA_CONTEXT_GIB = 0.5
+"""Device memory the allocator cannot use (CUDA context, NCCL/driver reservations)."""
+
+ALLOCATOR_HEADROOM = 0.05
+"""Fraction of the rest lost to caching-allocator fragmentation. With it the usable part of a 139 GiB H200
+is 131.6 GiB: every measured success (≤ 119.6 GiB) fits and the 3B SFT 64k OOM (predicted 137.8 GiB
+allocated) does not. Not separately measured."""
+
+STAGES = ("sft", "dpo")
+SP_METHODS = ("ulysses", "ring")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers the model needs (from a preset or a checkpoint's config)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
+        return attn + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def params(self) -> int:
+        """Total parameter count (embedding, lm_head unless tied, layers, final norm)."""
+        head = 0 if self.tied else self.embed_params
+        return self.embed_params + head + self.layers * self.layer_params + self.hidden
+
+
+def shape_of(model: str) -> Shape:
+    """`Shape` of a preset name or local checkpoint dir (raises runtime.models.ModelError if neither)."""
+    c = model_config(model)
+    heads = c.num_attention_heads
+    return Shape(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                 head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+                 intermediate=c.intermediate_size, vocab=c.vocab_size, tied=bool(c.tie_word_embeddings),
+                 qkv_bias=bool(getattr(c, "attention_bias", c.model_type == "qwen2")))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration, per GPU. `first_step`: the peak of a run's first step, before AdamW has
+    created its states (zero=0 only: DeepSpeed allocates them at initialisation)."""
+
+    model: str
+    stage: str = "sft"
+    gpus: int = 1
+    gpu_mem_gib: float = 80.0
+    sp: int = 1
+    zero: int = 0
+    offload: frozenset = frozenset()
+    features: MemoryFeatures = field(default_factory=MemoryFeatures)
+    sp_method: str = "ulysses"
+    first_step: bool = False
+    batch: int = 1
+    """Sequences (DPO: pairs) per micro-batch, per_device_train_batch_size."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "offload", frozenset(self.offload))
+        if self.stage not in STAGES:
+            raise ValueError(f"stage {self.stage!r} unknown; choose from {', '.join(STAGES)}")
+        if self.gpus < 1 or self.sp < 1 or self.gpus % self.sp:
+            raise ValueError(f"sp={self.sp} must be >= 1 and divide gpus={self.gpus}")
+        check_offload(self.zero, tuple(sorted(self.offload)))
+        if self.sp_method not in SP_METHODS:
+            raise ValueError(f"sp_method {self.sp_method!r} unknown; choose from {', '.join(SP_METHODS)}")
+        if self.gpu_mem_gib <= CUDA_CONTEXT_GIB:
+            raise ValueError(f"gpu_mem_gib={self.gpu_mem_gib} too small (must exceed {CUDA_CONTEXT_GIB})")
+
+    @property
+    def rows(self) -> int:
+        """Rows per micro-batch, as the trainer counts them (TrainConfig.rows_per_micro_batch)."""
+        return self.batch * (2 if self.stage == "dpo" else 1)
+
+    @classmethod
+    def from_config(cls, cfg, gpus: int, gpu_mem_gib: float = 80.0) -> "Setup":
+        """The memory model's description of the run `cfg` (a runtime TrainConfig) on `gpus` GPUs: the same
+        memory features, rows and SP degree the trainer resolves; ZeRO stage and offload from its DeepSpeed
+        file. The ring family (ring, zigzag) is modelled as "ring"; hybrid and allgather are not modelled."""
+        from ..common.deepspeed import read_deepspeed
+
+        method = {"ring": "ring", "zigzag": "ring", "ulysses": "ulysses"}.get(cfg.sequence_parallel_mode)
+        if method is None:
+            raise ValueError(f"the memory model has no terms for {cfg.sequence_parallel_mode!r} yet; "
+                             f"use ulysses, ring or zigzag")
+        zero, offload = read_deepspeed(cfg.deepspeed) if cfg.deepspeed else (0, ())
+        return cls(cfg.model_name_or_path, cfg.stage, gpus, gpu_mem_gib, cfg.sequence_parallel_size, zero,
+                   frozenset(offload), cfg.memory_features, method, batch=cfg.per_device_train_batch_size)
+
+
+def tokens_per_gpu(setup: Setup, length: int) -> int:
+    """Tokens one GPU holds: rows × ceil(length / sp) (each sequence is split over the SP group), as the
+    trainer counts them (runtime.memory.shard_tokens)."""
+    return shard_tokens(length, setup.sp, setup.rows)
+
+
+def usable_bytes(gpu_mem_gib: float) -> float:
+    """Bytes the allocator can hand out on a GPU of `gpu_mem_gib` (context and fragmentation removed)."""
+    return (gpu_mem_gib - CUDA_CONTEXT_GIB) * (1 - ALLOCATOR_HEADROOM) * GiB

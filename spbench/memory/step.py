@@ -1,0 +1,119 @@
+"""The one constructor of a measured training step: probes, distributed probes and traces all run `Trainer.step`.
+
+A `StepSpec` says what one measured step is (model, stage, tokens per sequence, memory features, attention,
+SP layout, DeepSpeed); `train_config` turns it into the trainer config that runs it: every sequence exactly
+`length` tokens (dataset synthetic-full), one sequence (DPO: pair) per micro-batch and DP rank, one row per
+step. `prime_optimizer` creates AdamW's states before the measured step, so its peak is that of a run's
+steady state (step ≥ 2), the regime the memory model predicts.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.attention import METHODS
+from runtime.config import ATTENTION, DTYPES
+from runtime.memory import AUTO, MemoryFeatures
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One measured step. `attention`: TrainConfig.attention (auto | runtime | sdpa); `nproc` ranks with SP
+    `sp` (DP = nproc / sp); `deepspeed`: a DeepSpeed JSON path or None; `steps` run (the last one is timed)."""
+
+    model: str
+    stage: str
+    length: int
+    features: MemoryFeatures = field(default_factory=MemoryFeatures)
+    attention: str = "auto"
+    steps: int = 1
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    nproc: int = 1
+    sp: int = 1
+    method: str = "ulysses"
+    deepspeed: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION)}")
+        if self.steps < 1 or self.length < 1:
+            raise ValueError(f"steps ({self.steps}) and length ({self.length}) must be ≥ 1")
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.stage == "dpo" else 1
+
+    def train_config(self, out_dir: str = "out/probe") -> dict:
+        """The trainer config of this step: full-length synthetic rows, one per DP rank and step."""
+        f, dp = self.features, self.nproc // self.sp
+        return {"model_name_or_path": self.model, "stage": self.stage, "dataset": "synthetic-full",
+                "max_samples": dp * self.steps, "cutoff_len": self.length, "sequence_parallel_size": self.sp,
+                "sequence_parallel_mode": self.method, "attention": self.attention, "dtype": self.dtype,
+                "max_steps": self.steps, "learning_rate": 1e-6, "seed": self.seed,
+                "gradient_checkpointing": f.gradient_checkpointing, "tiled_loss_chunk": f.tiled_loss_chunk,
+                "tiled_mlp_chunks": f.tiled_mlp_chunks, "checkpoint_offload": f.checkpoint_offload,
+                "deepspeed": self.deepspeed, "output_dir": out_dir, "device": self.device}
+
+
+def prime_optimizer(trainer) -> None:
+    """Create the trainer's AdamW states now (a step on zero gradients: no parameter moves), so the measured
+    step carries them as every step ≥ 2 does. DeepSpeed allocates its states at initialisation already."""
+    if trainer.engine is not None:
+        return
+    for p in trainer.model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------ flags
+def step_flags(spec: StepSpec) -> list[str]:
+    """The add_step_args flags for one step of `spec` (the inverse of spec_from_args, for one process)."""
+    f = spec.features
+    flags = ["--model", spec.model, "--stage", spec.stage, "--length", str(spec.length),
+             "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
+             "--mlp-chunks", "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks),
+             "--attention", spec.attention, "--steps", str(spec.steps)]
+    if f.checkpoint_offload:
+        flags.append("--checkpoint-offload")
+    flags.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
+    return flags
+
+
+def features_from_args(args) -> MemoryFeatures:
+    """The MemoryFeatures the step flags (add_step_args) ask for."""
+    loss = None if args.loss_chunk == "none" else int(args.loss_chunk)
+    mlp = None if args.mlp_chunks == "none" else (AUTO if args.mlp_chunks == AUTO else int(args.mlp_chunks))
+    return MemoryFeatures(tiled_loss_chunk=loss, tiled_mlp_chunks=mlp, checkpoint_offload=args.checkpoint_offload,
+                          gradient_checkpointing=args.gradient_checkpointing)
+
+
+def add_step_args(p: argparse.ArgumentParser, steps: int = 1) -> None:
+    """The flags every probe takes: what one training step is (spbench.memory.probe and .distprobe)."""
+    d = MemoryFeatures()
+    p.add_argument("--model", required=True)
+    p.add_argument("--stage", choices=["sft", "dpo"], default="sft")
+    p.add_argument("--length", type=int, required=True, help="tokens per sequence (DPO: each of chosen, rejected)")
+    p.add_argument("--loss-chunk", default=str(d.tiled_loss_chunk), help="tiled-loss chunk tokens, or 'none'")
+    p.add_argument("--mlp-chunks", default=str(d.tiled_mlp_chunks), help="tiled-MLP chunks: 'auto', a count, or 'none'")
+    p.add_argument("--checkpoint-offload", action="store_true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing)
+    p.add_argument("--attention", choices=ATTENTION, default="auto",
+                   help="auto (runtime attention with SP, else transformers' sdpa) | runtime | sdpa")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="cap each rank's GPU memory at this many GiB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=steps, help=f"steps to run; the last one is timed (default {steps})")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--method", choices=METHODS, default="ulysses", help="SP strategy (default ulysses)")
+
+
+def spec_from_args(args, nproc: int = 1, sp: int = 1, deepspeed: str | None = None) -> StepSpec:
+    """The StepSpec the step flags describe (nproc, sp and the DeepSpeed file come from the caller)."""
+    return StepSpec(args.model, args.stage, args.length, features_from_args(args), args.attention, args.steps,
+                    args.dtype, "cpu" if args.device == "cpu" else "cuda", nproc, sp, args.method, deepspeed, args.seed)

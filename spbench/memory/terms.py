@@ -1,0 +1,202 @@
+"""The memory model's terms: bytes per GPU of each part of a training step (memory/model.py adds them up).
+
+Byte counts per token are written out per term (h hidden, L layers, H/Hk heads/kv heads, d head dim,
+I intermediate, V vocab; activations bf16). Every constant says where it comes from.
+"""
+from __future__ import annotations
+
+import math
+
+from runtime.memory import AUTO
+
+from ..common.units import GiB
+from .setup import Setup, Shape
+
+ACT = 2  # bytes per activation element (bf16)
+
+LOGITS_COPIES = 3.0
+"""fp32 [tokens × vocab] copies live at the loss's peak (log-softmax backward: its saved output, the
+incoming gradient and the outgoing gradient; the bf16 logits and the fp32 upcast are freed by then).
+Measured slopes (H200, plain): 7B 2.06 MB/token, 0.5B 1.87 MB/token; minus the checkpoints that is
+3.0 ± 0.05 copies of 4 B × vocab. The tiled loss has the same copies for one chunk."""
+
+REF_LOGITS_COPIES = 2.5
+"""No-grad reference forward: bf16 logits (0.5) + fp32 upcast (1) + log-softmax output (1). Derived, not
+measured: no measured point has its peak in the reference phase."""
+
+FOREACH_TEMP_COPIES = 1.0
+"""torch AdamW (foreach, the CUDA default) makes one parameter-sized temporary (sqrt of exp_avg_sq) for all
+tensors at once. Calibrated: 7B SFT at 8k peaks in the step: 2+2+4+2 B/param = 70.93 GiB, measured 71.2."""
+
+WORKSPACE_GIB = 0.25
+"""cuBLAS/cuDNN workspaces, RoPE tables, small buffers: the 7B SFT 8k residual (71.2 − 70.93 GiB)."""
+
+REDUCE_BUCKET_ELEMS = 500_000_000
+"""DeepSpeed's default reduce_bucket_size (elements, bf16) for ZeRO-2/3 gradient reduction."""
+
+ZERO3_LIVE_MODULES = 2
+"""ZeRO-3 gathers the module being computed plus one prefetched (largest: a layer or the embedding)."""
+
+CKPT_OFFLOAD_RESIDENT_LAYERS = 2
+"""With checkpoint offload, checkpointed hidden states on the GPU: the one in use and one in transfer."""
+
+
+# ----------------------------------------------------------------------------------- static terms (bytes)
+def param_bytes(s: Setup, m: Shape) -> float:
+    """bf16 weights of the policy resident on this GPU: full (zero 0/2), 1/gpus (zero 3), 0 (param offload)."""
+    if "param" in s.offload:
+        return 0.0
+    return 2.0 * m.params / (s.gpus if s.zero == 3 else 1)
+
+
+def reference_param_bytes(s: Setup, m: Shape) -> float:
+    """DPO: the frozen reference model's bf16 weights, placed like the policy's (no optimizer, no grads)."""
+    return param_bytes(s, m) if s.stage == "dpo" else 0.0
+
+
+def gathered_param_bytes(s: Setup, m: Shape) -> float:
+    """ZeRO-3: full bf16 weights of the modules being computed (current + prefetched)."""
+    if s.zero != 3:
+        return 0.0
+    return ZERO3_LIVE_MODULES * 2.0 * max(m.layer_params, m.embed_params)
+
+
+def optimizer_bytes(s: Setup, m: Shape) -> float:
+    """AdamW states on this GPU: bf16 m, v (zero 0: 4 B/param); fp32 master + m + v (12 B/param / gpus)."""
+    if s.zero == 0:
+        return 4.0 * m.params
+    return 0.0 if "optimizer" in s.offload else 12.0 * m.params / s.gpus
+
+
+def grad_bytes(s: Setup, m: Shape) -> float:
+    """Gradients held on this GPU once backward has produced them: full bf16 (zero 0), else this rank's
+    bf16 partition (on CPU with optimizer offload) plus one reduce bucket."""
+    if s.zero == 0:
+        return 2.0 * m.params
+    part = 0.0 if "optimizer" in s.offload else 2.0 * m.params / s.gpus
+    return part + 2.0 * min(REDUCE_BUCKET_ELEMS, m.params)
+
+
+def step_temp_bytes(s: Setup, m: Shape) -> float:
+    """Optimizer-step temporaries: torch foreach AdamW's parameter-sized buffer (zero 0), the fp32 copy of the
+    gradient partition (ZeRO on GPU), nothing on the GPU for CPU Adam (optimizer offload)."""
+    if s.zero == 0:
+        return FOREACH_TEMP_COPIES * 2.0 * m.params
+    return 0.0 if "optimizer" in s.offload else 4.0 * m.params / s.gpus
+
+
+def workspace_bytes() -> float:
+    """Fixed workspace (see WORKSPACE_GIB)."""
+    return WORKSPACE_GIB * GiB
+
+
+def host_bytes(s: Setup, m: Shape, n: int) -> float:
+    """CPU memory this GPU's rank needs: offloaded optimizer (fp32 master, m, v, fp32 grads: 16 B/param/gpus),
+    offloaded weights (policy and reference), offloaded checkpoints (layers × n × h × 2 B)."""
+    b = 16.0 * m.params / s.gpus if "optimizer" in s.offload else 0.0
+    if "param" in s.offload:
+        b += 2.0 * m.params / s.gpus * s.rows
+    if s.features.checkpoint_offload and s.features.gradient_checkpointing:
+        b += m.layers * n * m.hidden * ACT
+    return b
+
+
+# ------------------------------------------------------------------------------ activation terms (bytes)
+def kv_heads_local(s: Setup, m: Shape) -> int:
+    """kv heads a GPU's attention sees, summed over the full sequence: Ulysses replicates kv heads up to the
+    SP degree (DESIGN.md), ring keeps them."""
+    return max(m.kv_heads, s.sp) if s.sp_method == "ulysses" and s.sp > 1 else m.kv_heads
+
+
+def attention_saved_per_token(s: Setup, m: Shape) -> float:
+    """What one layer's attention block saves for backward, per token: input RMSNorm (fp32 input 4h + bf16
+    output 2h), q after RoPE (2h), k and v (2·2·Hk·d), attention output (2h) and its transposed copy fed
+    to o_proj (2h), fp32 log-sum-exp (4H)."""
+    h = m.hidden
+    return 6 * h + 2 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim + 2 * h + 2 * h + 4 * m.heads
+
+
+def mlp_saved_per_token(m: Shape) -> float:
+    """What an untiled MLP saves per token: gate, up, act(gate), act·up, all bf16 [tokens × I] (8I)."""
+    return 4 * ACT * m.intermediate
+
+
+def mlp_tokens(s: Setup, m: Shape, n: int) -> int:
+    """Tokens whose [× I] MLP activations exist at once: n untiled; one chunk tiled. For "auto" the model
+    charges min(n, hidden), an upper bound of the real ceil(n / ceil(n / hidden)) that keeps the model
+    monotone in length."""
+    chunks = s.features.tiled_mlp_chunks
+    if chunks is None:
+        return n
+    if chunks == AUTO:
+        return min(n, m.hidden)
+    return math.ceil(n / int(chunks))
+
+
+def layer_saved_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Everything one layer keeps for backward (no checkpointing): attention block, post-attention RMSNorm
+    (6h), the MLP's [× I] activations unless tiled (a tiled MLP recomputes them per chunk)."""
+    mlp = 0.0 if s.features.tiled_mlp_chunks is not None else mlp_saved_per_token(m) * n
+    return (attention_saved_per_token(s, m) + 6 * m.hidden) * n + mlp
+
+
+def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Peak of one layer's (recompute +) backward: the attention block's saved tensors plus the larger of
+    MLP backward: post-attention RMSNorm's saved 6h, incoming and MLP-input gradients (4h), and per MLP
+    token the MLP's saved 8I plus 4I of gradients;
+    attention backward (post-attention norm already freed): residual and output gradients, flash's fp32 dq
+    accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d)."""
+    h = m.hidden
+    mlp_phase = 10 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
+    attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n
+    return attention_saved_per_token(s, m) * n + max(mlp_phase, attn_phase)
+
+
+def checkpoint_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Stored hidden states on the GPU: with checkpointing one [n × h] bf16 per layer (offloaded: only
+    CKPT_OFFLOAD_RESIDENT_LAYERS of them); without, every layer's saved activations."""
+    if not s.features.gradient_checkpointing:
+        return m.layers * layer_saved_bytes(s, m, n)
+    layers = CKPT_OFFLOAD_RESIDENT_LAYERS if s.features.checkpoint_offload else m.layers
+    return min(layers, m.layers) * n * m.hidden * ACT
+
+
+def final_hidden_bytes(m: Shape, n: int) -> float:
+    """Final RMSNorm's saved tensors (6h) and the gradient flowing into it (2h), per token."""
+    return 8 * m.hidden * n
+
+
+def loss_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Logits, log-softmax and their gradients at the loss's backward: LOGITS_COPIES fp32 × vocab for every
+    token untiled, for one chunk tiled (plus fp32 per-token log-probs and their gradient, 8 B/token)."""
+    chunk = s.features.tiled_loss_chunk
+    if chunk is None:
+        return LOGITS_COPIES * 4 * m.vocab * n
+    # Tiled, the lm_head weight gradient (vocab × hidden, 2 B) exists from the first chunk's backward on, while
+    # chunks' logits are still alive (found by the CPU trace, spbench/memtrace.py; untiled it appears after).
+    return LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + 8 * n + 2 * m.vocab * m.hidden
+
+
+def sp_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
+    """SP communication buffers during attention. Ulysses: all-to-all send + receive copies of q, k, v
+    (2 × (2h + 2·2·Hk'·d) per token, Hk' the replicated kv heads). Ring: the current and the next K/V block
+    (2 × 2·2·Hk·d) and fp32 dK/dV accumulators (2·4·Hk·d) per token. None without SP."""
+    if s.sp == 1:
+        return 0.0
+    if s.sp_method == "ulysses":
+        return 2 * (2 * m.hidden + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n
+    kv = m.kv_heads * m.head_dim
+    return (2 * 2 * ACT * kv + 2 * 4 * kv) * n
+
+
+def reference_forward_bytes(s: Setup, m: Shape, n: int) -> float:
+    """DPO reference forward under no_grad (nothing stored): a layer's live tensors (residual + hidden 4h,
+    RMSNorm fp32 8h, q/k/v/out 4h + 2·2·Hk·d, MLP gate/up/act 6I per MLP token) and the logits
+    (REF_LOGITS_COPIES, tiled or not)."""
+    if s.stage != "dpo":
+        return 0.0
+    layer = (16 * m.hidden + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n
+    layer += 3 * ACT * m.intermediate * mlp_tokens(s, m, n)
+    chunk = s.features.tiled_loss_chunk
+    logits = REF_LOGITS_COPIES * 4 * m.vocab * (n if chunk is None else min(n, chunk))
+    return layer + max(logits, 0.0) + final_hidden_bytes(m, n)
