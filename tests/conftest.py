@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spbench.launch import RankPool
+from spbench.common.pool import RankPool
 
 
 class Pools:

@@ -5,7 +5,7 @@ import pytest
 
 from runtime.attention import METHODS, resolve_ulysses
 from runtime.topology import TopologyError
-from spbench.attncheck import AttnCase, compare, run_on_rank
+from spbench.check.attention import AttnCase, judge_attention as compare, run_on_rank
 from rankjobs import count_attention_bytes
 
 HEADS = [(4, 4), (12, 2), (14, 2), (28, 4), (6, 3)]  # (6, 3) gives Ulysses a valid split at sp 3

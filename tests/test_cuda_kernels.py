@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from runtime import kernels
-from runtime.blockattn import SeqMeta, block_backward, block_forward
-from runtime.kernels import KERNELS, KernelError, select_kernel
+from runtime.attention import kernels
+from runtime.attention.blockattn import SeqMeta, block_backward, block_forward
+from runtime.attention.kernels import KERNELS, KernelError, select_kernel
 from runtime.layout import ShardPlan
 
 

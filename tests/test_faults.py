@@ -1,5 +1,5 @@
 """The fault catalogue: every FAULTS.md bug, injected into the SP ranks, is caught; the clean runtime passes."""
-from spbench.faults import FAULTS, catalogue
+from spbench.faults.catalogue import FAULTS, catalogue
 
 
 def test_every_fault_is_caught_and_clean_runtime_passes():

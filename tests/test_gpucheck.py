@@ -16,11 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.memory import MemoryFeatures
-from spbench import cli, gpucheck, gpuplan, gpuresults, memmodel
-from spbench.errors import UsageError
-from spbench.gpuresults import Completed
+from spbench.common.units import GiB
+from spbench.memory import setup as ms, terms as mt
+from spbench import cli
+from spbench.cli import gpu_check as gpucheck
+from spbench.gpu import plan as gpuplan, results as gpuresults
+from spbench.memory import model as memmodel
+from spbench.common.errors import UsageError
+from spbench.gpu.results import Completed
 
-GiB = 2**30
 NOW = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
 H200 = {"name": "NVIDIA H200", "total_gib": 139.8, "count": 1}
 PROV = {"git_sha": "cafe1234", "command": "stub"}
@@ -57,7 +61,7 @@ def key_of(argv: list[str]) -> str:
         return f"attention-{_flag(argv, '--method')}"
     if "parity" in argv:
         return "parity"
-    if "spbench.distprobe" in argv:
+    if "spbench.memory.distprobe" in argv:
         return "dist"
     model, length = _flag(argv, "--model"), int(_flag(argv, "--length"))
     if (model, length) not in gpuplan.PROBES:
@@ -128,9 +132,7 @@ class FakeGpu:
 
 
 def args_for(tmp_path: Path, *extra: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="spbench")
-    gpucheck.register(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["gpu-check", "--out", str(tmp_path), *extra])
+    return cli.build_parser(["gpu-check"]).parse_args(["gpu-check", "--out", str(tmp_path), *extra])
 
 
 def run_fake(tmp_path: Path, gpu: FakeGpu, *extra: str, device=H200) -> tuple[int, dict | None]:
@@ -179,7 +181,7 @@ def test_full_run_writes_the_document(tmp_path, capsys):
             assert rec["bytes_per_token"] == pytest.approx(peak * GiB / length)
             assert rec["bytes_per_token_basis"] == "peak / tokens"
             assert rec["tokens_per_s"] == RATES[key] and rec["steps"] == 2
-            assert rec["attention"] == ("sdpa" if variant == "plain" else "spbench")
+            assert rec["attention"] == ("sdpa" if variant == "plain" else "runtime")
     comp = {c["model"]: c for c in doc["comparisons"]}
     assert {m: c["tokens_per_s_ratio"] for m, c in comp.items()} == pytest.approx(
         {"qwen2.5-0.5b": 50_000 / 40_000, "qwen2.5-7b": 7_500 / 6_000})
@@ -211,8 +213,8 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     assert argv["qwen2.5-7b-plain-32k"][-9:] == ["--loss-chunk", "none", "--mlp-chunks", "none",
                                                  "--gradient-checkpointing", "--attention", "sdpa", "--steps", "2"]
     assert argv["qwen2.5-7b-ours-32k"][-9:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto",
-                                                "--gradient-checkpointing", "--attention", "spbench", "--steps", "2"]
-    assert _flag(argv["maxlen"], "--attention") == "spbench" and _flag(argv["maxlen"], "--steps") == "1"
+                                                "--gradient-checkpointing", "--attention", "runtime", "--steps", "2"]
+    assert _flag(argv["maxlen"], "--attention") == "runtime" and _flag(argv["maxlen"], "--steps") == "1"
     assert [_flag(argv["dist"], f) for f in ("--nproc", "--sp", "--method", "--backend", "--length")] == \
         ["2", "2", "ulysses", "gloo-cuda", "65536"]
     assert {_flag(argv[f"attention-{x}"], "--backend") for x in ("zigzag", "ulysses", "hybrid")} == {"gloo-cuda"}
@@ -419,7 +421,7 @@ def test_a_gpu_too_small_for_any_length_is_bad_input(tmp_path):
 
 
 def test_subcommand_is_registered():
-    args = cli.build_parser().parse_args(["gpu-check", "--budget", "60", "--only", "maxlen"])
+    args = cli.build_parser(["gpu-check"]).parse_args(["gpu-check", "--budget", "60", "--only", "maxlen"])
     assert args.func is gpucheck.run and args.budget == 60.0 and args.maxlen_fraction == 0.1
 
 

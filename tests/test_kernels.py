@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from runtime.blockattn import SeqMeta, block_backward, block_forward, merge
-from runtime.kernels import KERNELS, KernelError, select_kernel
+from runtime.attention.blockattn import SeqMeta, block_backward, block_forward, merge
+from runtime.attention.kernels import KERNELS, KernelError, select_kernel
 from runtime.layout import ShardPlan
-from spbench.attncheck import AttnCase, make_inputs, oracle
+from spbench.check.attention import AttnCase, make_inputs, oracle
 
 CPU_KERNELS = [KERNELS["reference"], KERNELS["cpu-flash"]]
 

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from spbench.launch import RankError, RankPool
+from spbench.common.pool import RankError, RankPool
 from rankjobs import misbehave
 
 

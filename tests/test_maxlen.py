@@ -12,11 +12,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.memory import MemoryFeatures
-from spbench import maxlen, memmodel
-from spbench.errors import UsageError
-from spbench.probe import ProbeSpec, SubprocessProbe, parser as probe_parser, features_from_args, run_probe
+from spbench.common.units import GiB
+from spbench.memory import setup as ms, terms as mt
+from spbench.cli import maxlen
+from spbench.memory import model as memmodel
+from spbench.common.errors import UsageError
+from spbench.common.schemas import MAXLEN_PROBE
+from spbench.memory.maxlen import Target, estimate_row, format_table
+from spbench.memory.probe import parser as probe_parser, run_probe
+from spbench.memory.search import SubprocessProbe, search_max_len
+from spbench.memory.setup import Setup
+from spbench.memory.step import StepSpec, features_from_args
 
-SUITE = Path(__file__).resolve().parents[1] / "suites" / "maxlen-qwen2.5.toml"
+SUITE = Path(__file__).resolve().parents[1] / "spbench" / "suites" / "maxlen-qwen2.5.toml"
+
+
+def _target(model, stage, gpus, mem, sp, zero, offload, features, variant="ours", method="ulysses") -> Target:
+    return Target(variant, Setup(model, stage, gpus, mem, sp, zero, frozenset(offload), features, method))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,10 +52,9 @@ def simulated_gpu(threshold: int, calls: list | None = None, flaky: dict | None 
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="spbench")
-    subs = p.add_subparsers(dest="command", required=True)
-    maxlen.register(subs)
-    return p.parse_args(["maxlen", *argv])
+    p = argparse.ArgumentParser(prog="spbench maxlen")
+    maxlen.add_arguments(p)
+    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -51,7 +62,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 @given(threshold=st.integers(1, 3_000_000), start=st.integers(1, 4_000_000), res=st.sampled_from([1, 512, 1024, 4096]))
 def test_search_finds_threshold_within_resolution(threshold, start, res):
     calls = []
-    out = maxlen.search_max_len(simulated_gpu(threshold, calls), start, res, cap=1 << 23)
+    out = search_max_len(simulated_gpu(threshold, calls), start, res, cap=1 << 23)
     assert out.max_len == threshold // res * res
     assert out.failed_above is not None and out.failed_above - out.max_len <= res
     assert len(calls) == len(set(calls))  # never the same length twice
@@ -60,24 +71,24 @@ def test_search_finds_threshold_within_resolution(threshold, start, res):
 
 def test_search_worked_example_and_bracketing():
     calls = []
-    out = maxlen.search_max_len(simulated_gpu(50_000, calls), 40_960, 1024)
+    out = search_max_len(simulated_gpu(50_000, calls), 40_960, 1024)
     assert calls[:2] == [40_960, 61_440] and out.max_len == 49_152
     assert out.best["status"] == "ok" and out.best["peak_gib"] < 100
     calls.clear()
-    out = maxlen.search_max_len(simulated_gpu(50_000, calls), 400_000, 1024)  # prediction far too high: shrink
+    out = search_max_len(simulated_gpu(50_000, calls), 400_000, 1024)  # prediction far too high: shrink
     assert out.max_len == 49_152 and calls[0] == 399_360 and all(c % 1024 == 0 for c in calls)
 
 
 def test_search_nothing_fits_and_cap_reached():
-    assert maxlen.search_max_len(simulated_gpu(500), 8192, 1024).max_len == 0
-    out = maxlen.search_max_len(simulated_gpu(10**9), 8192, 1024, cap=65_536)
+    assert search_max_len(simulated_gpu(500), 8192, 1024).max_len == 0
+    out = search_max_len(simulated_gpu(10**9), 8192, 1024, cap=65_536)
     assert out.max_len == 65_536 and out.failed_above is None
 
 
 def test_timeouts_and_crashes_are_failed_probes_and_the_search_goes_on():
     calls = []
     flaky = {61_440: "timeout", 46_080: "error"}  # a hang above and a crash below the true threshold
-    out = maxlen.search_max_len(simulated_gpu(50_000, calls, flaky), 40_960, 1024)
+    out = search_max_len(simulated_gpu(50_000, calls, flaky), 40_960, 1024)
     statuses = [p["status"] for p in out.probes]
     assert "timeout" in statuses and "error" in statuses
     assert out.max_len == 45_056  # conservative: the crash at 46,080 counts as a failure
@@ -90,7 +101,7 @@ def test_subprocess_probe_ok_oom_timeout_crash(tmp_path):
             "if L == 4: sys.exit('boom: segfault-like crash')\n"
             "print('log line')\n"
             "print(json.dumps({'status': 'ok' if L < 2 else 'oom', 'oom': L >= 2, 'peak_gib': L}))\n")
-    case = maxlen.Case("tiny", "sft", 1, 80.0, 1, 0, (), MemoryFeatures())
+    case = _target("tiny", "sft", 1, 80.0, 1, 0, (), MemoryFeatures())
     probe = SubprocessProbe(case, timeout_s=2, command=[sys.executable, "-c", fake])
     assert probe(1)["status"] == "ok" and probe(1)["peak_gib"] == 1
     assert probe(2)["status"] == "oom"
@@ -103,7 +114,7 @@ def test_subprocess_probe_ok_oom_timeout_crash(tmp_path):
                                       MemoryFeatures(tiled_loss_chunk=77, tiled_mlp_chunks=5,
                                                      gradient_checkpointing=False)])
 def test_probe_argv_round_trips_features(features):
-    case = maxlen.Case("qwen2.5-7b", "dpo", 1, 80.0, 1, 0, (), features)
+    case = _target("qwen2.5-7b", "dpo", 1, 80.0, 1, 0, (), features)
     argv = SubprocessProbe(case, 10).argv(4096)
     args = probe_parser().parse_args(argv[3:])
     assert features_from_args(args) == features and args.length == 4096 and args.stage == "dpo"
@@ -111,8 +122,9 @@ def test_probe_argv_round_trips_features(features):
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_probe_step_runs_on_cpu(stage):
-    spec = ProbeSpec("tiny", stage, 96, MemoryFeatures(tiled_loss_chunk=32, checkpoint_offload=True))
-    out = run_probe(spec, "cpu", torch.float32)
+    spec = StepSpec("tiny", stage, 96, MemoryFeatures(tiled_loss_chunk=32, checkpoint_offload=True),
+                    dtype="float32", device="cpu")
+    out = run_probe(spec)
     assert out["status"] == "ok" and out["tokens"] == spec.rows * 96 and out["peak_gib"] is None
     assert torch.isfinite(torch.tensor(out["loss"])) and out["tokens_per_s"] > 0
     h, layers = 64, 2  # tiny: every layer input went to CPU
@@ -124,12 +136,13 @@ def test_probe_step_runs_on_cpu(stage):
 def test_probe_attention_runtime_and_sdpa_agree(stage):
     """Same weights and tokens: the runtime's attention (SP 1) gives transformers' SDPA loss, over two steps."""
     losses = {}
-    for attention in ("spbench", "sdpa"):
-        spec = ProbeSpec("tiny", stage, 80, MemoryFeatures(tiled_loss_chunk=32), attention=attention, steps=2)
-        out = run_probe(spec, "cpu", torch.float64)
+    for attention in ("runtime", "sdpa"):
+        spec = StepSpec("tiny", stage, 80, MemoryFeatures(tiled_loss_chunk=32), attention=attention, steps=2,
+                        dtype="float64", device="cpu")
+        out = run_probe(spec)
         assert out["steps"] == 2 and out["attention"] == attention
         losses[attention] = out["loss"]
-    assert losses["spbench"] == pytest.approx(losses["sdpa"], rel=1e-10, abs=0)
+    assert losses["runtime"] == pytest.approx(losses["sdpa"], rel=1e-10, abs=0)
 
 
 # ---------------------------------------------------------------------------------------- log + resume
@@ -161,7 +174,7 @@ def test_measured_run_logs_every_probe_and_resume_skips_them(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         maxlen.run(_parse([*MEASURE, "--out", str(out_dir)]), probe_factory=dying, gpus=H200)
     lines = (out_dir / "probes.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and all(json.loads(l)["schema"] == maxlen.PROBE_SCHEMA for l in lines)
+    assert len(lines) == 3 and all(json.loads(l)["schema"] == MAXLEN_PROBE for l in lines)
     with open(out_dir / "probes.jsonl", "a") as f:
         f.write('{"torn line')  # a crash mid-write must not break resume
 
@@ -208,12 +221,13 @@ def test_emulated_ranks_must_fit_on_the_card(tmp_path):
     assert not (tmp_path / "probes.jsonl").exists()
 
 
-@pytest.mark.parametrize("how,module", [("single", "spbench.probe"), ("nccl", "spbench.distprobe"),
-                                        ("gloo-cuda", "spbench.distprobe")])
+@pytest.mark.parametrize("how,module", [("single", "spbench.memory.probe"),
+                                        ("nccl", "spbench.memory.distprobe"),
+                                        ("gloo-cuda", "spbench.memory.distprobe")])
 def test_subprocess_probe_argv_parses_in_its_module(how, module):
-    from spbench import distprobe
+    from spbench.memory import distprobe
 
-    case = maxlen.Case("qwen2.5-7b", "dpo", 8, 80.0, 4, 3, ("optimizer", "param"), MemoryFeatures(), "ours", "ring")
+    case = _target("qwen2.5-7b", "dpo", 8, 80.0, 4, 3, ("optimizer", "param"), MemoryFeatures(), "ours", "ring")
     argv = SubprocessProbe(case, 600, backend=how).argv(8192)
     assert argv[1:3] == ["-m", module]
     if how == "single":
@@ -259,15 +273,15 @@ def test_feature_flags_and_plain_setup(tmp_path, capsys):
 
 
 def test_suite_expands_and_flags_override(tmp_path):
-    cases, res = maxlen.build_cases(_parse(["--suite", str(SUITE), "--out", str(tmp_path)]))
+    cases, res = maxlen.build_targets(_parse(["--suite", str(SUITE), "--out", str(tmp_path)]))
     assert res == 1024 and len(cases) == 7 * 2 * 3
     assert {c.variant for c in cases} == {"ours", "ours+ckpt-offload", "plain"}
-    assert all(c.gpus == 8 and c.gpu_mem_gib == 80 and c.zero == 3 and c.offload == ("optimizer", "param")
-               for c in cases)
-    cases, _ = maxlen.build_cases(_parse(["--suite", str(SUITE), "--model", "qwen2.5-7b", "--gpus", "16",
+    assert all(c.setup.gpus == 8 and c.setup.gpu_mem_gib == 80 and c.setup.zero == 3
+               and c.setup.offload == {"optimizer", "param"} for c in cases)
+    cases, _ = maxlen.build_targets(_parse(["--suite", str(SUITE), "--model", "qwen2.5-7b", "--gpus", "16",
                                           "--sp", "8,16", "--no-tiled-loss"]))
-    assert len(cases) == 2 * 2 and {c.sp for c in cases} == {8, 16} and all(c.gpus == 16 for c in cases)
-    assert all(c.features.tiled_loss_chunk is None for c in cases)
+    assert len(cases) == 2 * 2 and {c.setup.sp for c in cases} == {8, 16} and all(c.setup.gpus == 16 for c in cases)
+    assert all(c.setup.features.tiled_loss_chunk is None for c in cases)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -276,14 +290,14 @@ def test_suite_expands_and_flags_override(tmp_path):
     (["--model", "qwen2.5-7b", "--stage", "ppo"], "--stage"),
     (["--model", "qwen2.5-7b", "--sp", "3"], "divide --gpus 8"),
     (["--model", "qwen2.5-7b", "--sp", "x"], "--sp must be an integer"),
-    (["--model", "qwen2.5-7b", "--zero", "1"], "--zero 1"),
+    (["--model", "qwen2.5-7b", "--zero", "1", "--offload", "none"], "ZeRO stage 1 unsupported"),
     (["--model", "qwen2.5-7b", "--offload", "disk"], "--offload"),
-    (["--model", "qwen2.5-7b", "--zero", "0"], "--offload none"),
-    (["--model", "qwen2.5-7b", "--zero", "2", "--offload", "param"], "--zero 3"),
+    (["--model", "qwen2.5-7b", "--zero", "0"], "offload none"),
+    (["--model", "qwen2.5-7b", "--zero", "2", "--offload", "param"], "needs ZeRO 3"),
     (["--model", "qwen2.5-7b", "--gpus", "0"], "--gpus"),
     (["--model", "qwen2.5-7b", "--gpu-mem", "0"], "--gpu-mem"),
     (["--model", "qwen2.5-7b", "--resolution", "0"], "--resolution"),
-    (["--suite", "no/such.toml"], "not found"),
+    (["--suite", "no/such.toml"], "does not exist"),
 ])
 def test_bad_input_is_one_line_usage_error(argv, msg, tmp_path):
     with pytest.raises(UsageError, match=msg) as e:
@@ -298,11 +312,11 @@ def test_bad_suites(tmp_path):
                       ("schema = 'spbench.maxlen-suite/1'\nmodels=['tiny']\n[[variants]]\ntiled_loss=true", "'name'")]:
         bad.write_text(text)
         with pytest.raises(UsageError, match=msg):
-            maxlen.build_cases(_parse(["--suite", str(bad)]))
+            maxlen.build_targets(_parse(["--suite", str(bad)]))
 
 
 def test_table_format():
-    case = maxlen.Case("qwen2.5-7b", "sft", 8, 80.0, 8, 3, ("optimizer", "param"), MemoryFeatures())
-    table = maxlen.format_table([maxlen.estimate_row(case, 1024)])
+    case = _target("qwen2.5-7b", "sft", 8, 80.0, 8, 3, ("optimizer", "param"), MemoryFeatures())
+    table = format_table([estimate_row(case, 1024)])
     lines = table.splitlines()
     assert len(lines) == 3 and "estimated" in lines[2] and "8×80 GiB" in lines[2] and "M" in lines[2]

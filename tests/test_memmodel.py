@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from runtime.memory import MemoryFeatures
 from runtime.models import model_config
-from spbench import memmodel as mm
+from spbench.common.units import GiB
+from spbench.memory import setup as ms, terms as mt
+from spbench.memory import model as mm
 
 PLAIN_FILE = mm.MEASUREMENTS / "h200-2026-11-28-plain.json"
 TOLERANCE = 0.10  # the goal: predicted peak within 10% of every measured one
@@ -80,7 +82,7 @@ def test_param_count_matches_transformers(model):
     assert mm.shape_of(model).params == real
 
 
-@pytest.mark.parametrize("stage", mm.STAGES)
+@pytest.mark.parametrize("stage", ms.STAGES)
 @pytest.mark.parametrize("features", [MemoryFeatures(), MemoryFeatures.plain(), MemoryFeatures(checkpoint_offload=True),
                                       MemoryFeatures(tiled_mlp_chunks=4, gradient_checkpointing=True),
                                       MemoryFeatures(gradient_checkpointing=False)])
@@ -106,7 +108,7 @@ def test_each_feature_reduces_memory():
     # the logits term alone: untiled is tokens × vocab × 4 B × 3 copies
     n = L // 8
     terms = mm.peak_memory(mm.with_features(_setup(), tiled_loss_chunk=None), L)["terms"]
-    assert terms["loss"] == pytest.approx(mm.LOGITS_COPIES * 4 * 152064 * n / mm.GiB)
+    assert terms["loss"] == pytest.approx(mt.LOGITS_COPIES * 4 * 152064 * n / GiB)
     # and our maxlen beats plain's, checkpoint offload beats ours
     args = ("qwen2.5-7b", "sft", 8, 80, 8, 3, OFFLOAD_BOTH)
     plain, mine, off = (mm.maxlen_estimate(*args, f) for f in
@@ -119,7 +121,7 @@ def test_sp_divides_activations():
     one = _setup(sp=1, gpus=8)
     eight = _setup(sp=8, gpus=8)
     t1, t8 = mm.peak_memory(one, L)["terms"], mm.peak_memory(eight, L)["terms"]
-    assert mm.tokens_per_gpu(eight, L) * 8 == mm.tokens_per_gpu(one, L)
+    assert ms.tokens_per_gpu(eight, L) * 8 == ms.tokens_per_gpu(one, L)
     for term in ("checkpoints", "final_hidden", "checkpoint_one_layer"):
         assert t8[term] == pytest.approx(t1[term] / 8)
     assert t1["sp_buffers"] == 0 < t8["sp_buffers"]
@@ -134,35 +136,35 @@ def test_zero3_shards_static_memory():
     z0 = _setup(gpus=8, sp=1, zero=0, offload=frozenset())
     z2 = replace(z0, zero=2)
     z3 = replace(z0, zero=3)
-    assert mm.param_bytes(z0, m) == mm.param_bytes(z2, m) == 2 * m.params
-    assert mm.param_bytes(z3, m) == 2 * m.params / 8
-    assert mm.optimizer_bytes(z3, m) == mm.optimizer_bytes(z2, m) == 12 * m.params / 8
-    assert mm.optimizer_bytes(z0, m) == 4 * m.params
-    assert mm.optimizer_bytes(replace(z3, offload=frozenset({"optimizer"})), m) == 0
-    assert mm.param_bytes(replace(z3, offload=OFFLOAD_BOTH), m) == 0
+    assert mt.param_bytes(z0, m) == mt.param_bytes(z2, m) == 2 * m.params
+    assert mt.param_bytes(z3, m) == 2 * m.params / 8
+    assert mt.optimizer_bytes(z3, m) == mt.optimizer_bytes(z2, m) == 12 * m.params / 8
+    assert mt.optimizer_bytes(z0, m) == 4 * m.params
+    assert mt.optimizer_bytes(replace(z3, offload=frozenset({"optimizer"})), m) == 0
+    assert mt.param_bytes(replace(z3, offload=OFFLOAD_BOTH), m) == 0
     z3_16 = replace(z3, gpus=16)
-    assert mm.optimizer_bytes(z3_16, m) == mm.optimizer_bytes(z3, m) / 2
+    assert mt.optimizer_bytes(z3_16, m) == mt.optimizer_bytes(z3, m) / 2
     # more GPUs under ZeRO-3 leave more room: static terms shrink
     s8 = mm.peak_memory(z3, 4096)["phases"]["step"]
     s16 = mm.peak_memory(z3_16, 4096)["phases"]["step"]
     assert s16 < s8
     # host memory accounts for what was offloaded
     off = replace(z3, offload=OFFLOAD_BOTH)
-    assert mm.peak_memory(off, 4096)["host_gib"] == pytest.approx((16 + 2) * m.params / 8 / mm.GiB)
+    assert mm.peak_memory(off, 4096)["host_gib"] == pytest.approx((16 + 2) * m.params / 8 / GiB)
 
 
 def test_dpo_holds_two_sequences_and_a_reference():
     sft = _setup("qwen2.5-0.5b", gpus=1, sp=1, zero=0, offload=frozenset(), features=MemoryFeatures.plain())
     dpo = replace(sft, stage="dpo")
     a, b = mm.peak_memory(sft, 2 * 8192), mm.peak_memory(dpo, 8192)
-    assert mm.tokens_per_gpu(dpo, 8192) == mm.tokens_per_gpu(sft, 16384)
+    assert ms.tokens_per_gpu(dpo, 8192) == ms.tokens_per_gpu(sft, 16384)
     assert b["terms"]["reference_params"] == pytest.approx(a["terms"]["params"]) and a["terms"]["reference_params"] == 0
     assert b["total_gib"] == pytest.approx(a["total_gib"] + b["terms"]["reference_params"])
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(stage="ppo"), "stage"), (dict(sp=3), "divide"), (dict(zero=1), "zero"),
-    (dict(zero=0, offload=frozenset({"optimizer"})), "ZeRO"), (dict(zero=2, offload=frozenset({"param"})), "zero 3"),
+    (dict(stage="ppo"), "stage"), (dict(sp=3), "divide"), (dict(zero=1), "ZeRO stage 1"),
+    (dict(zero=0, offload=frozenset({"optimizer"})), "ZeRO"), (dict(zero=2, offload=frozenset({"param"})), "ZeRO 3"),
     (dict(offload=frozenset({"disk"})), "offload"), (dict(sp_method="tree"), "sp_method"),
     (dict(gpu_mem_gib=0.1), "small")])
 def test_setup_validation(kw, msg):

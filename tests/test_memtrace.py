@@ -26,8 +26,10 @@ from multiprocessing import get_context
 import pytest
 
 from runtime.memory import MemoryFeatures
-from spbench import memmodel as mm
-from spbench import memtrace
+from spbench.common.units import GiB
+from spbench.memory import setup as ms, terms as mt
+from spbench.memory import model as mm
+from spbench.memory import trace as memtrace
 
 pytestmark = pytest.mark.skipif(memtrace.available() is not None,
                                 reason=f"FakeTensorMode/MemTracker unavailable: {memtrace.available()}")
@@ -36,7 +38,6 @@ MODEL = "qwen2.5-0.5b"
 LENGTHS = (2048, 4096)
 TOLERANCE = 0.15
 FEATURES = {"plain": MemoryFeatures.plain(), "ours": MemoryFeatures()}
-GiB = 2**30
 
 
 @pytest.fixture(scope="module")

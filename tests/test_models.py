@@ -2,19 +2,19 @@ import pytest
 import torch
 
 from runtime.models import ModelError, build_model, model_config, presets
-from spbench.modelscmd import parameters
+from spbench.memory.setup import shape_of
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
 def test_parameter_formula_matches_the_built_model(name):
     model = build_model(name, torch.float32, "sdpa")
-    assert parameters(presets()[name]) == sum(p.numel() for p in model.parameters())
+    assert shape_of(name).params == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name,billions", [("qwen2.5-0.5b", 0.49), ("qwen2.5-7b", 7.62), ("qwen2.5-72b", 72.71),
                                            ("llama-3.1-8b", 8.03)])
 def test_presets_have_the_public_parameter_counts(name, billions):
-    assert parameters(presets()[name]) / 1e9 == pytest.approx(billions, abs=0.01)
+    assert shape_of(name).params / 1e9 == pytest.approx(billions, abs=0.01)
 
 
 def test_unknown_model_suggests_the_nearest_preset():
@@ -36,7 +36,7 @@ def test_local_checkpoint_loads_its_weights_and_trains(tmp_path):
                            "cutoff_len": 64, "max_steps": 1, "device": "cpu"}))
     assert isinstance(t.tokenizer, ByteTokenizer)
     assert t.schedule.units[0].docs[0].input_ids[:3] == [ord("s") + 3, ord("a") + 3, ord("y") + 3]
-    loaded = dict(t.model.named_parameters())
+    loaded = t.model.state_dict()  # keys of the plain model even where the MLP is tiled
     assert all(torch.equal(loaded[n], p) for n, p in model.named_parameters())
     assert torch.isfinite(torch.tensor(t.step(0)["loss"]))
 

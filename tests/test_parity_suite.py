@@ -3,9 +3,12 @@ import json
 
 import pytest
 
-from spbench.gate import DEFAULT_TOLERANCES, gate
-from spbench.parity import load_suite, run_cases
-from spbench.results import load_results, provenance, results_doc
+from spbench.check.gate import gate
+from spbench.check.tolerances import GATE as DEFAULT_TOLERANCES
+from spbench.check.cases import load_suite
+from spbench.check.parity import run_cases
+from spbench.common.suites import golden
+from spbench.common.results import load_results, provenance, results_doc
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def test_every_ci_case_passes(ci_results):
 def test_curves_match_golden(ci_results):
     _, results = ci_results
     new = results_doc("ci", results, provenance("pytest", "gloo", 4, 0))
-    regressions = gate(load_results("suites/golden/ci.json"), new, DEFAULT_TOLERANCES)
+    regressions = gate(load_results(golden("ci")), new, DEFAULT_TOLERANCES)
     assert not regressions, "\n".join(f"{r.case}: {r.what}: {r.detail}" for r in regressions)
 
 

@@ -6,8 +6,10 @@ import argparse
 import pytest
 
 from spbench import report
-from spbench.errors import UsageError
-from spbench.results import MAXLEN_SCHEMA, results_doc, write_json_atomic
+from spbench.cli import build_parser
+from spbench.common.errors import UsageError
+from spbench.common.results import results_doc, write_json_atomic
+from spbench.common.schemas import MAXLEN as MAXLEN_SCHEMA
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROV = {"git_sha": "cafe1234", "git_dirty": False, "torch": "2.13.0+cpu", "backend": "gloo", "world": 4}
@@ -109,9 +111,7 @@ def test_rejects_missing_file(tmp_path):
 
 
 def _parse(argv):
-    subs = argparse.ArgumentParser().add_subparsers()
-    report.register(subs)
-    return subs.choices["report"].parse_args(argv)
+    return build_parser(["report"]).parse_args(["report", *argv])
 
 
 def test_cli(maxlen_file, tmp_path, capsys):

@@ -8,10 +8,12 @@ import subprocess
 
 import pytest
 
-from spbench import results
-from spbench.errors import UsageError
-from spbench.results import (MAXLEN_SCHEMA, SCHEMA, append_jsonl, case_key, load_results, rel_errors, results_doc,
-                             write_json_atomic)
+from spbench.common import results
+from spbench.common.errors import UsageError
+from spbench.check.tolerances import rel_errors
+from spbench.common.results import append_jsonl, case_key, load_results, results_doc, write_json_atomic
+from spbench.common.schemas import MAXLEN as MAXLEN_SCHEMA
+from spbench.common.schemas import PARITY as SCHEMA
 
 
 def _case(name: str = "sft-zigzag-sp2", passed: bool = True) -> dict:
@@ -125,7 +127,8 @@ def test_case_key():
 
 def test_rel_errors():
     errs = rel_errors([1.0, 2.2, math.nan, math.nan, 5.0], [1.0, 2.0, math.nan, 1.0, math.inf])
-    assert errs[0] == 0.0 and errs[1] == pytest.approx(0.1) and errs[2] == 0.0
+    # one rule everywhere (parity, gate, report): a NaN never matches, not even another NaN
+    assert errs[0] == 0.0 and errs[1] == pytest.approx(0.1) and errs[2] == math.inf
     assert errs[3] == math.inf and errs[4] == math.inf
     with pytest.raises(ValueError):
         rel_errors([1.0], [1.0, 2.0])

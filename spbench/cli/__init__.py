@@ -34,11 +34,11 @@ def _command_in(argv: list[str]) -> str | None:
     return word if word in COMMANDS else None
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser, with the arguments of the command `argv` names (only that module is imported)."""
     parser = argparse.ArgumentParser(prog="spbench", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    chosen = _command_in(argv)
+    chosen = _command_in(argv or [])
     for name, (module_name, help_text) in COMMANDS.items():
         if name != chosen:
             subs.add_parser(name, help=help_text)

@@ -12,6 +12,7 @@ the memory model's (spbench/memory/model.py), labelled "estimated". Results go t
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, MemoryFeatures

@@ -77,12 +77,11 @@ def step_flags(spec: StepSpec) -> list[str]:
     f = spec.features
     flags = ["--model", spec.model, "--stage", spec.stage, "--length", str(spec.length),
              "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
-             "--mlp-chunks", "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks),
-             "--attention", spec.attention, "--steps", str(spec.steps)]
+             "--mlp-chunks", "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)]
     if f.checkpoint_offload:
         flags.append("--checkpoint-offload")
     flags.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
-    return flags
+    return [*flags, "--attention", spec.attention, "--steps", str(spec.steps)]
 
 
 def features_from_args(args) -> MemoryFeatures:
