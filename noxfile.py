@@ -20,14 +20,17 @@ def install(session: nox.Session, *extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (CPU, gloo ranks). Example: nox -s tests -- -k ring -x"""
+    """Lint (ruff) and run the test suite (CPU, gloo ranks). Example: nox -s tests -- -k ring -x"""
     install(session, "test")
+    session.run("ruff", "check", ".")
     session.run("pytest", *session.posargs)
 
 
 @nox.session
 def parity(session: nox.Session) -> None:
-    """Run the default parity suite (suites/ci.toml: tiny model, CPU ranks, float64); report under reports/parity."""
+    """Run the default parity suite (ci: tiny model, CPU ranks, float64); results and report in out/parity.
+
+    Publish into the committed report with: nox -s parity -- --out reports/parity"""
     install(session)
     session.run("spbench", "parity", *session.posargs)
 
@@ -38,4 +41,4 @@ def gpu(session: nox.Session) -> None:
 
     Runs `spbench gpu-check` (attention, bf16 parity, plain vs ours probes: memory with the model's error, tokens/s, MB/token; the trainer
     on 2 emulated ranks; one maxlen probe); results in reports/gpu/. Needs the machine's CUDA torch, so no virtualenv is made."""
-    session.run("python", "-m", "spbench", "gpu-check", *session.posargs)
+    session.run("python", "-m", "spbench", "gpu-check", "--out", "reports/gpu", *session.posargs)

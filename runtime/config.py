@@ -12,9 +12,9 @@ import yaml
 
 from .attention import METHODS
 from .attention.kernels import KERNELS
+from .errors import InputError
 from .losses import PREF_LOSSES
 from .memory import MemoryFeatures
-from .errors import InputError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULERS = ("constant", "linear", "cosine")

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from .attention.blockattn import SeqMeta
+from .errors import InputError
 from .layout import ShardPlan, document_position_ids, pad_to
 from .losses import IGNORE
-from .errors import InputError
 
 
 class DataError(InputError):

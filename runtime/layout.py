@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from .errors import InputError
 
 Segment = tuple[int, int]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
+
 from .errors import InputError
 
 _ARCH = {"qwen2": Qwen2Config, "llama": LlamaConfig}

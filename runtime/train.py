@@ -23,8 +23,18 @@ from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
 from .comm import all_reduce_, sum_shards
 from .config import DTYPES, ConfigError, TrainConfig
-from .data import (SYNTHETIC, DataError, LocalBatch, MicroBatch, StepSchedule, build_units, load_tokenizer, read_jsonl,
-                   shard_batch, synthetic_records)
+from .data import (
+    SYNTHETIC,
+    DataError,
+    LocalBatch,
+    MicroBatch,
+    StepSchedule,
+    build_units,
+    load_tokenizer,
+    read_jsonl,
+    shard_batch,
+    synthetic_records,
+)
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, resolve_mlp_chunks, shard_tokens
 from .models import build_model, model_config

@@ -7,8 +7,8 @@ import torch
 
 from runtime.attention import SPAttention, resolve_ulysses, shard_plan
 from runtime.attention.blockattn import SeqMeta
-from runtime.comm import CommCounter
 from runtime.attention.kernels import select_kernel
+from runtime.comm import CommCounter
 from runtime.topology import build_parallel_context
 
 
@@ -33,9 +33,9 @@ def count_attention_bytes(info, method: str, sp: int, heads: int, kv: int, seq: 
 def hf_logits_and_grads(info, model_name: str, method: str, sp: int, seq: int, dtype: str = "float64"):
     """Tiny model with SP attention: local logits, and parameter grads of Σ logits·W summed over SP."""
     from runtime.attention.hf import SPBatch, register_sp_attention
+    from runtime.config import DTYPES
     from runtime.layout import pad_to
     from runtime.models import build_model, model_config
-    from runtime.config import DTYPES
 
     cfg = model_config(model_name)
     u = resolve_ulysses(method, sp, cfg.num_attention_heads, cfg.num_key_value_heads)

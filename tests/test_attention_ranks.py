@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import pytest
+from rankjobs import count_attention_bytes
 
 from runtime.attention import METHODS, resolve_ulysses
 from runtime.topology import TopologyError
-from spbench.check.attention import AttnCase, judge_attention as compare, run_on_rank
-from rankjobs import count_attention_bytes
+from spbench.check.attention import AttnCase, run_on_rank
+from spbench.check.attention import judge_attention as compare
 
 HEADS = [(4, 4), (12, 2), (14, 2), (28, 4), (6, 3)]  # (6, 3) gives Ulysses a valid split at sp 3
 POOL_FOR = {1: 2, 2: 2, 3: 3, 4: 4, 8: 8}

@@ -2,11 +2,11 @@
 import json
 
 import pytest
-
 from rankjobs import oom_on_rank_1
+
+from spbench.common.pool import RankError
 from spbench.memory import distprobe
 from spbench.memory.distprobe import deepspeed_config, first_error
-from spbench.common.pool import RankError
 
 
 def run(capsys, *argv, job=distprobe.measure_on_rank):

@@ -1,16 +1,15 @@
 """spbench.gate: each kind of regression, tolerances, exit codes through the argparse subcommand, JUnit XML."""
 from __future__ import annotations
 
-import argparse
 import copy
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from spbench.cli import build_parser
-from spbench.common.errors import UsageError
 from spbench.check.gate import Regression, gate, parse_tolerances
 from spbench.check.tolerances import GATE as DEFAULT_TOLERANCES
+from spbench.cli import build_parser
+from spbench.common.errors import UsageError
 from spbench.common.results import results_doc, write_json_atomic
 
 

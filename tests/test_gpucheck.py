@@ -16,14 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.memory import MemoryFeatures
-from spbench.common.units import GiB
-from spbench.memory import setup as ms, terms as mt
 from spbench import cli
 from spbench.cli import gpu_check as gpucheck
-from spbench.gpu import plan as gpuplan, results as gpuresults
-from spbench.memory import model as memmodel
 from spbench.common.errors import UsageError
+from spbench.common.units import GiB
+from spbench.gpu import plan as gpuplan
+from spbench.gpu import results as gpuresults
 from spbench.gpu.results import Completed
+from spbench.memory import model as memmodel
 
 NOW = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
 H200 = {"name": "NVIDIA H200", "total_gib": 139.8, "count": 1}
@@ -441,7 +441,7 @@ def test_nox_gpu_session_uses_the_machines_python_and_passes_posargs():
 
     assert noxfile.gpu.venv_backend == "none" and noxfile.gpu.__doc__
     noxfile.gpu(Session())
-    assert ran == [("python", "-m", "spbench", "gpu-check", "--budget", "300", "--dry-run")]
+    assert ran == [("python", "-m", "spbench", "gpu-check", "--out", "reports/gpu", "--budget", "300", "--dry-run")]
 
 
 def test_table_shows_failures_and_skips():

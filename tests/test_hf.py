@@ -1,10 +1,10 @@
 """Transformers models with the SP attention registered vs the same model with its own SDPA attention."""
 import pytest
 import torch
+from rankjobs import hf_inputs, hf_logits_and_grads
 
 from runtime.attention import METHODS, resolve_ulysses, shard_plan
 from runtime.models import build_model
-from rankjobs import hf_inputs, hf_logits_and_grads
 
 SEQ = 37  # divisible by no SP size
 

@@ -2,9 +2,9 @@
 import time
 
 import pytest
+from rankjobs import misbehave
 
 from spbench.common.pool import RankError, RankPool
-from rankjobs import misbehave
 
 
 @pytest.mark.parametrize("how,match", [("raise", "(?s)failed in misbehave:.*--- rank 1:.*rank 1 broke on purpose"),

@@ -12,14 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.memory import MemoryFeatures
-from spbench.common.units import GiB
-from spbench.memory import setup as ms, terms as mt
 from spbench.cli import maxlen
-from spbench.memory import model as memmodel
 from spbench.common.errors import UsageError
 from spbench.common.schemas import MAXLEN_PROBE
+from spbench.memory import model as memmodel
 from spbench.memory.maxlen import Target, estimate_row, format_table
-from spbench.memory.probe import parser as probe_parser, run_probe
+from spbench.memory.probe import parser as probe_parser
+from spbench.memory.probe import run_probe
 from spbench.memory.search import SubprocessProbe, search_max_len
 from spbench.memory.setup import Setup
 from spbench.memory.step import StepSpec, features_from_args

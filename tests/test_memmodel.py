@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 from runtime.memory import MemoryFeatures
 from runtime.models import model_config
 from spbench.common.units import GiB
-from spbench.memory import setup as ms, terms as mt
 from spbench.memory import model as mm
+from spbench.memory import setup as ms
+from spbench.memory import terms as mt
 
 PLAIN_FILE = mm.MEASUREMENTS / "h200-2026-11-28-plain.json"
 TOLERANCE = 0.10  # the goal: predicted peak within 10% of every measured one

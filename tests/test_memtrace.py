@@ -27,7 +27,6 @@ import pytest
 
 from runtime.memory import MemoryFeatures
 from spbench.common.units import GiB
-from spbench.memory import setup as ms, terms as mt
 from spbench.memory import model as mm
 from spbench.memory import trace as memtrace
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from runtime.models import ModelError, build_model, model_config, presets
+from runtime.models import ModelError, build_model, model_config
 from spbench.memory.setup import shape_of
 
 

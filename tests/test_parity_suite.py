@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from spbench.check.gate import gate
-from spbench.check.tolerances import GATE as DEFAULT_TOLERANCES
 from spbench.check.cases import load_suite
+from spbench.check.gate import gate
 from spbench.check.parity import run_cases
-from spbench.common.suites import golden
+from spbench.check.tolerances import GATE as DEFAULT_TOLERANCES
 from spbench.common.results import load_results, provenance, results_doc
+from spbench.common.suites import golden
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """spbench.report: Markdown rows, failures, provenance, PNG plots, max-length tables, input errors."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from spbench import report

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
+from spbench.check.tolerances import rel_errors
 from spbench.common import results
 from spbench.common.errors import UsageError
-from spbench.check.tolerances import rel_errors
 from spbench.common.results import append_jsonl, case_key, load_results, results_doc, write_json_atomic
 from spbench.common.schemas import MAXLEN as MAXLEN_SCHEMA
 from spbench.common.schemas import PARITY as SCHEMA

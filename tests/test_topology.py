@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runtime.topology import TopologyError, auto_ulysses, check_ulysses_heads, rank_grid
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .blockattn import LocalAttention, SeqMeta
 from ..comm import AllGather, CommCounter, group_rank, group_size
+from .blockattn import LocalAttention, SeqMeta
 from .kernels import Kernel
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import Kernel
 from ..layout import Segments, ShardPlan, pad_to
+from .kernels import Kernel
 
 
 @dataclass(frozen=True)

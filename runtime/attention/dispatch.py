@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comm import CommCounter
+from ..layout import ShardPlan
+from ..topology import ParallelContext, TopologyError, auto_ulysses, check_ulysses_heads
 from .allgather import allgather_attention
 from .blockattn import LocalAttention, SeqMeta
-from ..comm import CommCounter
 from .hybrid import hybrid_attention
 from .kernels import Kernel
-from ..layout import ShardPlan
 from .ring import ring_attention
-from ..topology import ParallelContext, TopologyError, auto_ulysses, check_ulysses_heads
 from .ulysses import ulysses_attention
 
 METHODS = ("ulysses", "ring", "zigzag", "hybrid", "allgather")

@@ -18,8 +18,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .dispatch import SPAttention
 from .blockattn import SeqMeta
+from .dispatch import SPAttention
 
 ATTN_NAME = "spbench_sp"
 

@@ -8,8 +8,8 @@ Ulysses.
 """
 from __future__ import annotations
 
-from .blockattn import SeqMeta
 from ..comm import CommCounter
+from .blockattn import SeqMeta
 from .kernels import Kernel
 from .ring import ring_attention
 from .ulysses import ulysses_attention

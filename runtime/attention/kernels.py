@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
 from ..errors import InputError
 
 aten = torch.ops.aten

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .blockattn import SeqMeta, block_backward, block_forward, merge
 from ..comm import CommCounter, RingComm, group_rank, group_size
+from .blockattn import SeqMeta, block_backward, block_forward, merge
 from .kernels import Kernel
 
 

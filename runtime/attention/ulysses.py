@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from .blockattn import LocalAttention, SeqMeta
 from ..comm import AllToAll, CommCounter, group_size
-from .kernels import Kernel
 from ..topology import check_ulysses_heads
+from .blockattn import LocalAttention, SeqMeta
+from .kernels import Kernel
 
 
 def seq_to_heads(x: torch.Tensor, group, counter: CommCounter | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """`spbench check-attention`: one SP strategy on N local ranks vs the dense float64 oracle."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch

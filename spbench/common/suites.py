@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import difflib
-import tomllib
 from importlib import resources
 from pathlib import Path
+
+import tomllib
 
 from .errors import UsageError
 

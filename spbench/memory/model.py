@@ -29,9 +29,23 @@ from runtime.memory import MemoryFeatures
 from ..common.schemas import MEASUREMENTS as MEASUREMENTS_SCHEMA
 from ..common.units import GiB
 from .setup import Setup, Shape, shape_of, tokens_per_gpu, usable_bytes
-from .terms import (ACT, checkpoint_bytes, final_hidden_bytes, gathered_param_bytes, grad_bytes, host_bytes,
-                    layer_backward_bytes, loss_bytes, optimizer_bytes, param_bytes, reference_forward_bytes,
-                    reference_param_bytes, sp_buffer_bytes, step_temp_bytes, workspace_bytes)
+from .terms import (
+    ACT,
+    checkpoint_bytes,
+    final_hidden_bytes,
+    gathered_param_bytes,
+    grad_bytes,
+    host_bytes,
+    layer_backward_bytes,
+    loss_bytes,
+    optimizer_bytes,
+    param_bytes,
+    reference_forward_bytes,
+    reference_param_bytes,
+    sp_buffer_bytes,
+    step_temp_bytes,
+    workspace_bytes,
+)
 
 
 # ------------------------------------------------------------------------------------------ the model

@@ -39,9 +39,9 @@ import time
 import torch
 
 from runtime.config import DTYPES, from_dict
+from runtime.data import load_tokenizer
 from runtime.memory import AUTO, MemoryFeatures
 from runtime.models import model_config
-from runtime.data import load_tokenizer
 from runtime.topology import single_process_context
 from runtime.train import Trainer, build_schedule
 

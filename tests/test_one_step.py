@@ -1,0 +1,41 @@
+"""One training step: the memory model sees what the trainer resolves, and measurement paths run Trainer.step."""
+from __future__ import annotations
+
+import pytest
+
+from runtime.config import from_dict
+from runtime.memory import resolve_mlp_chunks
+from runtime.train import Trainer
+from spbench.memory.setup import Setup, tokens_per_gpu
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("stage,batch", [("sft", 1), ("dpo", 1), ("dpo", 2)])
+def test_memory_model_inputs_equal_the_trainers_resolved_features(stage, batch):
+    cfg = from_dict({"model_name_or_path": "tiny", "stage": stage, "cutoff_len": 300, "max_samples": 8,
+                     "per_device_train_batch_size": batch, "dtype": "float32", "device": "cpu"})
+    trainer = Trainer(cfg)
+    setup = Setup.from_config(cfg, gpus=1)
+    assert setup.features == trainer.features == cfg.memory_features
+    assert tokens_per_gpu(setup, cfg.cutoff_len) == trainer.shard_tokens
+    hidden = trainer.model.config.hidden_size
+    assert resolve_mlp_chunks(setup.features, tokens_per_gpu(setup, cfg.cutoff_len), hidden) == trainer.mlp_chunks
+    assert trainer.mlp_chunks == -(-(batch * (2 if stage == "dpo" else 1) * 300) // hidden)  # rows, not pairs
+    tiled = [m.mlp.num_chunks for m in trainer.model.modules() if type(m.mlp if hasattr(m, "mlp") else None).__name__ == "TiledMLP"]
+    assert tiled and set(tiled) == {trainer.mlp_chunks}
+    if trainer.ref_model is not None:  # the reference forward is tiled the same way
+        ref = [m.mlp.num_chunks for m in trainer.ref_model.modules() if type(getattr(m, "mlp", None)).__name__ == "TiledMLP"]
+        assert set(ref) == {trainer.mlp_chunks}
+
+
+def test_reference_forward_runs_before_the_policy_forward():
+    """DPO: the frozen reference's log-probs come first, while no policy activation is alive."""
+    cfg = from_dict({"model_name_or_path": "tiny", "stage": "dpo", "cutoff_len": 64, "max_samples": 4,
+                     "dtype": "float32", "device": "cpu", "max_steps": 1})
+    trainer = Trainer(cfg)
+    order = []
+    trainer.ref_model.register_forward_hook(lambda *_: order.append("ref"))
+    trainer.policy.register_forward_hook(lambda *_: order.append("policy"))
+    trainer.step(0)
+    assert order[:2] == ["ref", "policy"]
