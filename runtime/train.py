@@ -22,22 +22,12 @@ from .attention import SPAttention, resolve_ulysses, shard_plan
 from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
 from .comm import all_reduce_, sum_shards
-from .config import DTYPES, ConfigError, TrainConfig
-from .data import (
-    SYNTHETIC,
-    DataError,
-    LocalBatch,
-    MicroBatch,
-    StepSchedule,
-    build_units,
-    load_tokenizer,
-    read_jsonl,
-    shard_batch,
-    synthetic_records,
-)
+from .config import DTYPES, TrainConfig
+from .data import DataError, LocalBatch, MicroBatch, StepSchedule, shard_batch
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, resolve_mlp_chunks, shard_tokens
 from .models import build_model, model_config
+from .records import SYNTHETIC, build_schedule, load_tokenizer, read_jsonl
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -79,25 +69,6 @@ def context_for(cfg: TrainConfig) -> ParallelContext:
     u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
                         m.num_key_value_heads, cfg.ulysses_degree)
     return build_parallel_context(cfg.sequence_parallel_size, u)
-
-
-def build_schedule(cfg: TrainConfig, dp: int, tokenizer, vocab: int) -> StepSchedule:
-    """The run's data: records (synthetic or read), cut into units, scheduled over steps and `dp` replicas.
-
-    Pure Python and CPU tensors, built before the model: a fake-tensor trace builds it outside the trace."""
-    if cfg.dataset in SYNTHETIC:
-        records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, vocab, cfg.seed,
-                                    full=cfg.dataset == "synthetic-full")
-    else:
-        records = read_jsonl(cfg.dataset, cfg.stage, tokenizer)[: cfg.max_samples]
-    if max((max(v) for r in records for v in r.values() if v), default=0) >= vocab:
-        raise ConfigError(f"dataset token ids exceed the model's vocabulary ({vocab})")
-    units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tokenizer.eos_id)
-    sched = StepSchedule(units, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, dp, cfg.seed)
-    if sched.global_batch > len(units):
-        raise ConfigError(f"global batch {sched.global_batch} (batch × grad accum × dp) exceeds the {len(units)} rows "
-                          f"of the dataset; lower per_device_train_batch_size or gradient_accumulation_steps")
-    return sched
 
 
 def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -25,7 +25,7 @@ def test_unknown_model_suggests_the_nearest_preset():
 def test_local_checkpoint_loads_its_weights_and_trains(tmp_path):
     """A checkpoint dir (no hub): its weights load; without tokenizer files, text falls back to bytes."""
     from runtime.config import from_dict
-    from runtime.data import ByteTokenizer
+    from runtime.records import ByteTokenizer
     from runtime.train import Trainer
 
     model = build_model("tiny", torch.float32, "sdpa", seed=5)
@@ -45,7 +45,7 @@ def test_checkpoint_tokenizer_is_used_when_shipped(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from runtime.data import CheckpointTokenizer, load_tokenizer, read_jsonl
+    from runtime.records import CheckpointTokenizer, load_tokenizer, read_jsonl
 
     words = ["<pad>", "</s>", "<unk>", "say", "hello", "world"]
     wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

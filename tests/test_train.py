@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from runtime.config import ConfigError, from_dict
-from runtime.data import ByteTokenizer, DataError, StepSchedule, build_units, collate, read_jsonl
+from runtime.data import DataError, StepSchedule, build_units, collate
 from runtime.losses import IGNORE, token_logprobs
+from runtime.records import ByteTokenizer, read_jsonl
 from runtime.train import Trainer
 
 BASE = dict(dtype="float64", cutoff_len=40, max_samples=8, max_steps=1, device="cpu", learning_rate=1e-3)

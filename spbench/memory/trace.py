@@ -39,11 +39,11 @@ import time
 import torch
 
 from runtime.config import DTYPES, from_dict
-from runtime.data import load_tokenizer
 from runtime.memory import AUTO, MemoryFeatures
 from runtime.models import model_config
+from runtime.records import build_schedule, load_tokenizer
 from runtime.topology import single_process_context
-from runtime.train import Trainer, build_schedule
+from runtime.train import Trainer
 
 from ..common.schemas import MEMTRACE as SCHEMA
 from ..common.units import GiB

@@ -1,0 +1,137 @@
+"""Where training records come from: tokenizers (bytes, or a checkpoint's own), synthetic records, JSONL files.
+
+A record is a dict of token-id lists: {"prompt", "response"} (SFT) or {"prompt", "chosen", "rejected"} (DPO);
+runtime.data turns records into units, micro-batches and shards.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig
+from .data import DataError, StepSchedule, build_units
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3 (0 = pad, 1 = bos, 2 = eos): presets have no tokenizer files."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+
+class CheckpointTokenizer:
+    """A local checkpoint's own tokenizer behind the ByteTokenizer interface (encode, pad_id, eos_id)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if self.eos_id is None:
+            raise DataError("the checkpoint's tokenizer has no eos token; set eos_token in tokenizer_config.json")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a local checkpoint dir when it ships one, else ByteTokenizer (presets, bare weights)."""
+    path = Path(name_or_path)
+    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return CheckpointTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    return ByteTokenizer()
+
+
+SYNTHETIC = ("synthetic", "synthetic-full")
+
+
+def synthetic_records(stage: str, n: int, cutoff: int, vocab: int, seed: int, full: bool = False) -> list[dict]:
+    """Random token records; prompts up to 3/4 of cutoff so early SP shards often hold no labels (F2, F5).
+
+    `full`: every sequence is exactly `cutoff` tokens (a quarter prompt), as memory and speed probes need."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(lo: int, hi: int) -> list[int]:
+        n_tok = int(torch.randint(lo, max(lo, hi) + 1, (1,), generator=g))
+        return torch.randint(3, vocab, (n_tok,), generator=g).tolist()
+
+    out = []
+    for _ in range(n):
+        if full:
+            rest = cutoff - cutoff // 4  # the eos _example appends is cut: every row holds cutoff tokens
+            out.append({"prompt": tokens(cutoff // 4, cutoff // 4),
+                        **({"response": tokens(rest, rest)} if stage == "sft" else
+                           {"chosen": tokens(rest, rest), "rejected": tokens(rest, rest)})})
+            continue
+        prompt = tokens(1, max(1, 3 * cutoff // 4))
+        if stage == "sft":
+            out.append({"prompt": prompt, "response": tokens(1, max(1, cutoff // 2))})
+        else:
+            out.append({"prompt": prompt, "chosen": tokens(1, cutoff // 3), "rejected": tokens(1, cutoff // 3)})
+    return out
+
+
+def _text_record(stage: str, rec: dict, tok, where: str) -> dict:
+    """A jsonl record (alpaca / sharegpt / prompt-chosen-rejected) → token lists."""
+    def need(key: str) -> str:
+        if not isinstance(rec.get(key), str):
+            raise DataError(f"{where}: field {key!r} missing or not a string")
+        return rec[key]
+
+    if stage == "dpo":
+        return {"prompt": tok.encode(need("prompt")), "chosen": tok.encode(need("chosen")), "rejected": tok.encode(need("rejected"))}
+    if "conversations" in rec:
+        turns = rec["conversations"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) and "value" in t for t in turns):
+            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns")
+        last = max((i for i, t in enumerate(turns) if t.get("from") in ("gpt", "assistant")), default=None)
+        if last is None:
+            raise DataError(f"{where}: no 'gpt' turn to learn from in 'conversations'")
+        prompt = "".join(f"{t.get('from', 'human')}: {t['value']}\n" for t in turns[:last]) + "gpt: "
+        return {"prompt": tok.encode(prompt), "response": tok.encode(turns[last]["value"])}
+    inp = rec.get("input") or ""
+    prompt = need("instruction") + ("\n" + inp if inp else "") + "\n"
+    return {"prompt": tok.encode(prompt), "response": tok.encode(need("output"))}
+
+
+def read_jsonl(path: str, stage: str, tok) -> list[dict]:
+    """Records of a .jsonl file; a malformed line is one error with its line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"dataset {path!r} is neither 'synthetic', 'synthetic-full' nor an existing .jsonl file")
+    records = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object")
+        records.append(_text_record(stage, rec, tok, f"{path}:{i}"))
+    return records
+
+
+def build_schedule(cfg: TrainConfig, dp: int, tokenizer, vocab: int) -> StepSchedule:
+    """The run's data: records (synthetic or read), cut into units, scheduled over steps and `dp` replicas.
+
+    Pure Python and CPU tensors, built before the model: a fake-tensor trace builds it outside the trace."""
+    if cfg.dataset in SYNTHETIC:
+        records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, vocab, cfg.seed,
+                                    full=cfg.dataset == "synthetic-full")
+    else:
+        records = read_jsonl(cfg.dataset, cfg.stage, tokenizer)[: cfg.max_samples]
+    if max((max(v) for r in records for v in r.values() if v), default=0) >= vocab:
+        raise ConfigError(f"dataset token ids exceed the model's vocabulary ({vocab})")
+    units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tokenizer.eos_id)
+    sched = StepSchedule(units, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, dp, cfg.seed)
+    if sched.global_batch > len(units):
+        raise ConfigError(f"global batch {sched.global_batch} (batch × grad accum × dp) exceeds the {len(units)} rows "
+                          f"of the dataset; lower per_device_train_batch_size or gradient_accumulation_steps")
+    return sched
