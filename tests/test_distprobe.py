@@ -4,9 +4,10 @@ import json
 import pytest
 from rankjobs import oom_on_rank_1
 
+from spbench.common.deepspeed import deepspeed_config
 from spbench.common.pool import RankError
 from spbench.memory import distprobe
-from spbench.memory.distprobe import deepspeed_config, first_error
+from spbench.memory.distprobe import first_error
 
 
 def run(capsys, *argv, job=distprobe.measure_on_rank):
@@ -44,7 +45,7 @@ def test_first_error_names_the_lowest_failed_rank():
 
 
 def test_deepspeed_config_matches_the_setup():
-    assert deepspeed_config(2, ())["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+    assert deepspeed_config(2, ())["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}
     ds = deepspeed_config(3, ("optimizer", "param"))
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and ds["zero_force_ds_cpu_optimizer"] is False
@@ -59,3 +60,12 @@ def test_bad_flags_exit_2(capsys, argv, msg):
     with pytest.raises(SystemExit) as e:
         distprobe.parse(["--model", "tiny", "--length", "64", *argv])
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_example_deepspeed_files_are_what_the_harness_writes():
+    import json
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for name, zero, offload in (("ds_z2.json", 2, ()), ("ds_z3.json", 3, ()), ("ds_z3_offload.json", 3, ("optimizer", "param"))):
+        assert json.loads((examples / name).read_text()) == deepspeed_config(zero, offload), name
