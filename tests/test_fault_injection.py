@@ -20,7 +20,7 @@ MICRO = {  # fault → the micro-case that exercises what it breaks
 }
 TRAINING = {"F1": "sft-ring", "F2": "sft-ring", "F3": "sft-ring", "F4": "sft-ring", "F5": "sft-ring",
             "F7": "packed", "F8": "sft-ring", "F10": "dpo"}
-ATTENTION = {"F6": AttnCase("ulysses", 2, heads=4, kv_heads=1, seq=30, head_dim=8),
+ATTENTION = {"F6": AttnCase("ulysses", 4, heads=8, kv_heads=2, seq=30, head_dim=8),  # tiling ≠ interleaving: kv ≥ 2
              "F9": AttnCase("zigzag", 2, heads=2, kv_heads=2, seq=32, head_dim=8, q_scale=1000.0)}
 
 
@@ -40,15 +40,15 @@ def test_every_injected_fault_is_covered_here():
 def test_training_injection_changes_the_micro_case(pools, fault):
     cfg = MICRO[TRAINING[fault]]
     clean = pools(2).run(train_on_rank, cfg)[0]
-    broken = pools(2).run(train_with_fault, fault, cfg)[0]
+    broken = pools(2).run(train_with_fault, cfg, False, None, fault)[0]
     assert _differs(_curve(broken), _curve(clean)), f"{fault} injected but the run is unchanged: {_curve(clean)}"
 
 
 @pytest.mark.parametrize("fault", sorted(ATTENTION))
 def test_attention_injection_changes_the_micro_case(pools, fault):
     case = ATTENTION[fault]
-    clean = pools(2).run(attention_with_fault, None, [case])[0][0]
-    broken = pools(2).run(attention_with_fault, fault, [case])[0][0]
+    clean = pools(case.sp).run(attention_with_fault, None, [case])[0][0]
+    broken = pools(case.sp).run(attention_with_fault, fault, [case])[0][0]
     assert any(_differs(broken[q].flatten().tolist(), clean[q].flatten().tolist()) for q in ("out", "dq", "dk", "dv"))
 
 

@@ -24,7 +24,8 @@ from ..common.pool import RankPool
 from .variants import ORIGINAL_TOKEN_LOGPROBS, inject
 
 
-def train_with_fault(fault: str, info, cfg_values: dict, capture_grads: bool = False, on_step=None) -> dict | None:
+def train_with_fault(info, cfg_values: dict, capture_grads: bool = False, on_step=None, fault: str | None = None
+                     ) -> dict | None:
     """Rank job: `common.jobs.train_on_rank` with `fault` injected in this rank."""
     with inject(fault, cfg_values):
         return train_on_rank(info, cfg_values, capture_grads, on_step)
@@ -91,7 +92,7 @@ def run_checks(names: list[str], fault: str | None, cases: dict, pools: dict, re
     """name → (passed, detail) for the named checks, with `fault` injected in the SP ranks."""
     out: dict[str, tuple[bool, str]] = {}
     parity = [cases[n.split(":", 1)[1]] for n in names if n.startswith("parity:")]
-    job = train_on_rank if fault is None else functools.partial(train_with_fault, fault)
+    job = train_on_rank if fault is None else functools.partial(train_with_fault, fault=fault)
     for res in run_cases(parity, log=lambda *_: None, pools=pools, refs=refs, sp_job=job) if parity else []:
         detail = res["error"] or "; ".join(res["failures"][:2]) or f"max loss err {res['metrics']['max_loss_rel_err']:.1e}"
         out[f"parity:{res['name']}"] = (res["passed"], detail)
