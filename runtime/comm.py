@@ -19,6 +19,12 @@ import torch
 import torch.distributed as dist
 
 
+# The single-tensor collectives: torch 2.13 deprecates all_gather_into_tensor for all_gather_single (a
+# FutureWarning per call); older torch (the GPU image) may have only the *_tensor names.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 @dataclass
 class CommCounter:
     """Bytes sent by this rank, one record per call: [(op, bytes), ...]."""
@@ -65,7 +71,7 @@ def all_gather(x: torch.Tensor, group, counter: CommCounter | None = None) -> to
     x = x.contiguous()
     flat = x.reshape(1, -1) if x.dim() == 0 else x
     out = x.new_empty((g * flat.shape[0], *flat.shape[1:]))  # gloo wants the pieces concatenated on dim 0
-    dist.all_gather_into_tensor(out, flat, group=group)
+    _ALL_GATHER(out, flat, group=group)
     out = out.view(g, *x.shape)
     if counter is not None:
         counter.add("all_gather", _nbytes(x) * (g - 1))
@@ -80,7 +86,7 @@ def reduce_scatter(x: torch.Tensor, group, counter: CommCounter | None = None) -
     x = x.contiguous()
     flat = x.reshape(g, -1) if x.dim() == 1 else x.reshape(g * x.shape[1], *x.shape[2:])
     out = x.new_empty(flat.shape[0] // g, *flat.shape[1:])
-    dist.reduce_scatter_single(out, flat, group=group)
+    _REDUCE_SCATTER(out, flat, group=group)
     out = out.view(x.shape[1:])
     if counter is not None:
         counter.add("reduce_scatter", _nbytes(x) * (g - 1) / g)

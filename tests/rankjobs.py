@@ -86,3 +86,16 @@ def oom_on_rank_1(info, cfg_values: dict, cap_gib):
     import torch.distributed as dist
 
     dist.barrier()
+
+
+def gather_and_scatter_warning_free(info):
+    """all_gather and reduce_scatter of the runtime with every warning an error: (gathered, scattered)."""
+    import warnings
+
+    from runtime.comm import all_gather, reduce_scatter
+
+    group = torch.distributed.group.WORLD
+    x = torch.arange(3, dtype=torch.float64) + 10 * info.rank
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return all_gather(x, group), reduce_scatter(torch.stack([x, 2 * x]), group)
