@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
 # The single-tensor collectives: torch 2.13 deprecates all_gather_into_tensor for all_gather_single (a
 # FutureWarning per call); older torch (the GPU image) may have only the *_tensor names.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

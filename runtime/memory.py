@@ -264,10 +264,11 @@ def forward_context(features: MemoryFeatures) -> contextlib.AbstractContextManag
     return checkpoint_offload() if features.checkpoint_offload else contextlib.nullcontext(OffloadStats())
 
 
-def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int, hidden_size: int) -> nn.Module:
+def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int, hidden_size: int) -> int | None:
     """Apply gradient checkpointing and the tiled MLP that `features` ask for to `model` (in place).
 
-    `shard_tokens` is the global per-rank shard length (for the "auto" MLP chunk count). Returns `model`.
+    `shard_tokens` is the global per-rank shard length (for the "auto" MLP chunk count). Returns the MLP chunk
+    count applied (None: MLP untiled).
     """
     if features.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -278,4 +279,4 @@ def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int,
         remove_tiled_mlp(model)
     else:
         apply_tiled_mlp(model, chunks)
-    return model
+    return chunks

@@ -25,7 +25,7 @@ from .comm import all_reduce_, sum_shards
 from .config import DTYPES, TrainConfig
 from .data import DataError, LocalBatch, MicroBatch, StepSchedule, shard_batch
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
-from .memory import OffloadStats, checkpoint_offload, prepare_model, resolve_mlp_chunks, shard_tokens
+from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
 from .models import build_model, model_config
 from .records import SYNTHETIC, build_schedule, load_tokenizer, read_jsonl
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
@@ -145,8 +145,7 @@ class Trainer:
         # counts hang ZeRO-3); the memory model sizes it the same way (runtime.memory.shard_tokens).
         self.features = cfg.memory_features
         self.shard_tokens = shard_tokens(cfg.cutoff_len, sp, cfg.rows_per_micro_batch)
-        self.mlp_chunks = resolve_mlp_chunks(self.features, self.shard_tokens, mcfg.hidden_size)
-        prepare_model(self.model, self.features, self.shard_tokens, mcfg.hidden_size)
+        self.mlp_chunks = prepare_model(self.model, self.features, self.shard_tokens, mcfg.hidden_size)
         self.model.train()
         self.policy = TokenLogProbs(self.model, cfg.tiled_loss_chunk, cfg.checkpoint_offload)
         if self.ref_model is not None:  # no-grad forward: tiled MLP pieces run one after another, nothing saved

@@ -1,11 +1,6 @@
-"""`spbench report`: report.md with tables and PNG plots from parity, max-length and GPU-check results files.
-
-Parity files (spbench.results/1) give one table per suite, its failures, a loss-curve overlay per
-(stage, method) with SP off vs every SP size, and a relative-loss-error-per-step plot. Max-length
-files (spbench.maxlen/1) give a model × stage × SP → max length table. GPU-check files
-(spbench.gpu-check/1) give one row per step (peak vs the memory model's prediction, tokens/s, MB per
-token) and ours vs plain against issue 5's goals. Each file's provenance follows.
-"""
+"""Rendering results files as report.md with Markdown tables and PNG plots (`spbench report`, cli/report.py, and
+`spbench parity` call `render`): a section per parity (spbench.results/1), max-length (spbench.maxlen/1) or
+GPU-check (spbench.gpu-check/1) file, each followed by its provenance."""
 from __future__ import annotations
 
 import io

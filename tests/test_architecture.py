@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("runtime", "spbench")
 MAX_MODULE_LINES = 300
+MAX_FUNCTION_LINES = 60
 
 
 def _modules() -> dict[str, Path]:
@@ -78,6 +79,13 @@ def test_only_the_faults_command_imports_the_fault_package():
 def test_modules_stay_readable_in_one_sitting():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_functions_stay_short():
+    long = [f"{m}.{n.name} ({n.end_lineno - n.lineno + 1})" for m, p in _modules().items()
+            for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_readme_layout_names_every_module_and_only_real_ones():

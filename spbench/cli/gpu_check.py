@@ -18,9 +18,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..common.backend import cuda_device
 from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
-from ..common.units import GiB
 from ..gpu.check import MIN_STEP_S, Runner, run_command, run_plan
 from ..gpu.plan import KINDS, build_plan
 from ..gpu.results import SKIPPED, document, format_table
@@ -48,20 +48,6 @@ def add_arguments(p) -> None:
                    "`nox -s gpu` publishes into reports/gpu)")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and exit (no GPU needed)")
     p.add_argument("--json", action="store_true", help="end stdout with the results document as one JSON line")
-
-
-def cuda_device() -> dict | None:
-    """{"name", "total_gib", "count"} of CUDA device 0, or None. get_device_properties creates no CUDA context,
-    so this process holds no GPU memory while the steps run."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
-            return None
-        props = torch.cuda.get_device_properties(0)
-        return {"name": props.name, "total_gib": props.total_memory / GiB, "count": torch.cuda.device_count()}
-    except Exception:  # noqa: BLE001 — a broken CUDA install is no GPU
-        return None
 
 
 def check_args(args) -> tuple[str, ...]:

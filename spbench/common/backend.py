@@ -1,6 +1,8 @@
 """Which process-group backend local ranks use: one rule for every command that spawns ranks."""
 from __future__ import annotations
 
+from .units import GiB
+
 BACKENDS = ("auto", "gloo", "nccl", "gloo-cuda")
 """gloo: CPU tensors; nccl: one CUDA GPU per rank; gloo-cuda: gloo collectives on CUDA tensors, for ranks that
 share GPUs (NCCL refuses two ranks on one GPU; ring P2P is staged through CPU)."""
@@ -25,3 +27,17 @@ def choose_backend(requested: str, nproc: int, device: str = "auto") -> str:
 def rank_device(backend: str) -> str:
     """"cuda" when ranks of `backend` hold CUDA tensors, else "cpu"."""
     return "cpu" if backend == "gloo" else "cuda"
+
+
+def cuda_device() -> dict | None:
+    """{"name", "total_gib", "count"} of CUDA device 0, or None without a usable CUDA GPU. get_device_properties
+    creates no CUDA context, so the calling process holds no GPU memory while its subprocesses run."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
+            return None
+        props = torch.cuda.get_device_properties(0)
+        return {"name": props.name, "total_gib": props.total_memory / GiB, "count": torch.cuda.device_count()}
+    except Exception:  # noqa: BLE001 — a broken CUDA install is no GPU
+        return None

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 from ..common.backend import BACKENDS, choose_backend
-from ..common.deepspeed import check_offload, deepspeed_config, parse_offload
+from ..common.deepspeed import check_offload, deepspeed_files, parse_offload
 from ..common.errors import RankError
 from ..common.pool import RankPool
 from ..common.schemas import PROBE
 from ..common.units import GiB
-from .probe import cap_memory, result_line
+from .probe import cap_memory, result_line, start_measuring
 from .step import StepSpec, add_step_args, prime_optimizer, spec_from_args
 
 
@@ -48,11 +48,7 @@ def measure_on_rank(info, cfg_values: dict, cap_gib: float | None) -> dict:
     try:
         trainer = Trainer(cfg, pc)
         prime_optimizer(trainer)
-        static = None
-        if cuda:
-            torch.cuda.synchronize(info.device)
-            torch.cuda.reset_peak_memory_stats(info.device)
-            static = torch.cuda.memory_allocated(info.device) / GiB
+        static = start_measuring(torch.device(info.device)) if cuda else None
         history = trainer.train()
     finally:
         pc.destroy()
@@ -64,12 +60,8 @@ def run_ranks(args, job=measure_on_rank) -> dict:
     """Run the probe on --nproc local ranks; the JSON fields of a completed probe. Raises on failure, with the
     failing rank's last error line (an OOM on any rank reads as one)."""
     backend = choose_backend(args.backend, args.nproc, "cpu" if args.device == "cpu" else "cuda")
-    with tempfile.TemporaryDirectory(prefix="spbench-distprobe-") as tmp:
-        ds = None
-        if args.zero:
-            ds = str(Path(tmp) / "deepspeed.json")
-            Path(ds).write_text(json.dumps(deepspeed_config(args.zero, args.offload)))
-        spec = spec_from_args(args, args.nproc, args.sp, ds)
+    with tempfile.TemporaryDirectory(prefix="spbench-distprobe-") as tmp, deepspeed_files() as deepspeed:
+        spec = spec_from_args(args, args.nproc, args.sp, deepspeed(args.zero, args.offload) if args.zero else None)
         try:
             with RankPool(args.nproc, backend=backend, timeout=args.timeout) as pool:
                 ranks = pool.run(job, spec.train_config(str(Path(tmp) / "run")), args.gpu_mem_gib)

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common.backend import cuda_device
 from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
 from ..common.schemas import MAXLEN
 from ..common.table import format_table as plain_table
-from ..common.units import GiB
 from . import model as memmodel
 from .search import ProbeLog, SearchOutcome, SubprocessProbe, logged_probe, search_max_len
 from .setup import Setup
@@ -95,14 +95,8 @@ def format_table(rows: list[dict]) -> str:
 
 def cuda_gpus() -> tuple[int, float]:
     """(CUDA devices, GiB of device 0); (0, 0.0) without CUDA."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
-            return 0, 0.0
-        return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GiB
-    except Exception:  # noqa: BLE001 — a broken CUDA install means: estimate
-        return 0, 0.0
+    dev = cuda_device()
+    return (dev["count"], dev["total_gib"]) if dev else (0, 0.0)
 
 
 def run_targets(targets: list[Target], resolution: int, out: Path, command: str, *, estimate: bool = False,

@@ -90,6 +90,13 @@ def cap_memory(device: torch.device, cap_gib: float | None) -> float:
     return cap
 
 
+def start_measuring(device: torch.device) -> float:
+    """Wait for the device, zero its peak counter; the GiB allocated now (weights, optimizer states, inputs)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / GiB
+
+
 def run_probe(spec: StepSpec, gpu_mem_gib: float | None = None) -> dict:
     """Build the trainer, prime AdamW, run `spec.steps` steps; the probe's JSON dict (status "ok").
     Raises on OOM or any other failure (result_line turns that into a JSON line)."""
@@ -104,9 +111,7 @@ def run_probe(spec: StepSpec, gpu_mem_gib: float | None = None) -> dict:
     info["kernel"] = trainer.attention.kernel.name if trainer.uses_sp_attention else "sdpa"
     prime_optimizer(trainer)
     if cuda:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        info["static_gib"] = torch.cuda.memory_allocated(dev) / GiB  # weights, optimizer states
+        info["static_gib"] = start_measuring(dev)
     nvml = NvmlPeak(_nvml_index()) if cuda else None
     with nvml or contextlib.nullcontext():
         for s in range(spec.steps):

@@ -92,16 +92,21 @@ def features_from_args(args) -> MemoryFeatures:
                           gradient_checkpointing=args.gradient_checkpointing)
 
 
+def add_feature_args(p: argparse.ArgumentParser) -> None:
+    """The memory-feature flags (defaults: runtime.memory.MemoryFeatures()) that features_from_args reads."""
+    d = MemoryFeatures()
+    p.add_argument("--loss-chunk", default=str(d.tiled_loss_chunk), help="tiled-loss chunk tokens, or 'none'")
+    p.add_argument("--mlp-chunks", default=str(d.tiled_mlp_chunks), help="tiled-MLP chunks: 'auto', a count, or 'none'")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing)
+
+
 def add_step_args(p: argparse.ArgumentParser, steps: int = 1) -> None:
     """The flags every probe takes: what one training step is (spbench.memory.probe and .distprobe)."""
-    d = MemoryFeatures()
     p.add_argument("--model", required=True)
     p.add_argument("--stage", choices=["sft", "dpo"], default="sft")
     p.add_argument("--length", type=int, required=True, help="tokens per sequence (DPO: each of chosen, rejected)")
-    p.add_argument("--loss-chunk", default=str(d.tiled_loss_chunk), help="tiled-loss chunk tokens, or 'none'")
-    p.add_argument("--mlp-chunks", default=str(d.tiled_mlp_chunks), help="tiled-MLP chunks: 'auto', a count, or 'none'")
+    add_feature_args(p)
     p.add_argument("--checkpoint-offload", action="store_true")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing)
     p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="auto (runtime attention with SP, else transformers' sdpa) | runtime | sdpa")
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="cap each rank's GPU memory at this many GiB")

@@ -32,6 +32,7 @@ DPO reference; stock MemTracker raises). None of these changes what is counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -39,7 +40,7 @@ import time
 import torch
 
 from runtime.config import DTYPES, from_dict
-from runtime.memory import AUTO, MemoryFeatures
+from runtime.memory import MemoryFeatures
 from runtime.models import model_config
 from runtime.records import build_schedule, load_tokenizer
 from runtime.topology import single_process_context
@@ -47,7 +48,7 @@ from runtime.train import Trainer
 
 from ..common.schemas import MEMTRACE as SCHEMA
 from ..common.units import GiB
-from .step import StepSpec, prime_optimizer
+from .step import StepSpec, add_feature_args, features_from_args, prime_optimizer
 
 
 def available() -> str | None:
@@ -176,23 +177,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["sft", "dpo"], default="sft")
     p.add_argument("--length", type=int, required=True, help="tokens per sequence (DPO: each of chosen, rejected)")
     p.add_argument("--plain", action="store_true", help="plain transformers: no tiling (checkpointing on)")
-    p.add_argument("--loss-chunk", default="1024", help="tiled-loss chunk tokens, or 'none' (ignored with --plain)")
-    p.add_argument("--mlp-chunks", default=AUTO, help="'auto', a count, or 'none' (ignored with --plain)")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    add_feature_args(p)
+    p.set_defaults(checkpoint_offload=False)  # cannot be traced (see above)
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    features = features_from_args(args)
     if args.plain:
-        features = MemoryFeatures.plain()
-    else:
-        loss = None if args.loss_chunk == "none" else int(args.loss_chunk)
-        mlp = None if args.mlp_chunks == "none" else (AUTO if args.mlp_chunks == AUTO else int(args.mlp_chunks))
-        features = MemoryFeatures(tiled_loss_chunk=loss, tiled_mlp_chunks=mlp)
-    if args.no_gradient_checkpointing:
-        features = MemoryFeatures(**{**features.to_json(), "gradient_checkpointing": False})
+        features = dataclasses.replace(MemoryFeatures.plain(), gradient_checkpointing=features.gradient_checkpointing)
     out = traced_peak(args.model, args.stage, args.length, features, DTYPES[args.dtype])
     try:
         out.update(analytic_for(out))
