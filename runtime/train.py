@@ -132,8 +132,7 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = DTYPES[cfg.dtype]
         # SP off and nothing packed: transformers' own SDPA attention is the independent reference.
-        self.uses_sp_attention = cfg.uses_sp_attention
-        attn_impl = register_sp_attention() if self.uses_sp_attention else "sdpa"
+        attn_impl = register_sp_attention() if cfg.uses_sp_attention else "sdpa"
         with torch.device(self.device):  # weights made where they live: no host copy of a 7B model per rank
             self.model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed), self.device)
             self.ref_model = None
@@ -188,7 +187,7 @@ class Trainer:
         return shard_plan(self.cfg.sequence_parallel_mode, seq_len, self.cfg.sequence_parallel_size, self.ulysses)
 
     def _logprobs(self, model, lb: LocalBatch) -> torch.Tensor:
-        kwargs = {"sp_batch": SPBatch(self.attention, lb.meta)} if self.uses_sp_attention else {}
+        kwargs = {"sp_batch": SPBatch(self.attention, lb.meta)} if self.cfg.uses_sp_attention else {}
         return model(lb.input_ids, lb.position_ids, lb.targets, **kwargs)
 
     def _sequence_sums(self, logp: torch.Tensor, lb: LocalBatch, n: int):

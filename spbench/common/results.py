@@ -16,6 +16,7 @@ Parity results, schema ``spbench.results/1`` (one file per suite run)::
         "stage": "sft" | "dpo", "pref_loss": "sigmoid" | null,   # pref_loss: DPO loss variant, null for SFT
         "method": "zigzag", "sp": 4, "dp": 1, "ga": 2,           # SP strategy and degrees, grad accumulation
         "dtype": "float64", "packing": false, "model": "tiny", "steps": 3, "zero": 0,
+        "offload": "none",                           # CPU offload under ZeRO: none | optimizer | optimizer,param
         "passed": true,
         "error": null,                               # one-line message when the case crashed or timed out
                                                      # (then passed is false and the curves may be empty)

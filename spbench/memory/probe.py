@@ -108,7 +108,7 @@ def run_probe(spec: StepSpec, gpu_mem_gib: float | None = None) -> dict:
                     device_total_gib=torch.cuda.get_device_properties(dev).total_memory / GiB,
                     gpu_mem_gib=cap_memory(dev, gpu_mem_gib))
     trainer = Trainer(from_dict(spec.train_config()))
-    info["kernel"] = trainer.attention.kernel.name if trainer.uses_sp_attention else "sdpa"
+    info["kernel"] = trainer.attention.kernel.name if trainer.cfg.uses_sp_attention else "sdpa"
     prime_optimizer(trainer)
     if cuda:
         info["static_gib"] = start_measuring(dev)
