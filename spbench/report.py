@@ -12,6 +12,7 @@ from .check.tolerances import rel_errors
 from .common.errors import UsageError
 from .common.results import load_results, write_bytes_atomic, write_text_atomic
 from .common.schemas import GPU_CHECK, MAXLEN, PARITY
+from .common.table import strategy_label
 
 ERR_FLOOR = 1e-18  # log-scale error plot: an exact match (error 0) is drawn at this floor
 
@@ -139,18 +140,19 @@ def _gpu_check_section(doc: dict, path: Path) -> list[str]:
 
 def _maxlen_section(doc: dict, path: Path) -> list[str]:
     def order(r: dict) -> tuple:
-        return (str(r.get("model")), str(r.get("stage")), r.get("gpus") or 0, r.get("sp") or 0, r.get("zero") or 0,
-                bool(r.get("offload")))
+        return (str(r.get("model")), str(r.get("stage")), str(r.get("variant")), r.get("gpus") or 0,
+                r.get("sp") or 0, r.get("zero") or 0, str(r.get("offload")))
 
     lines = [f"## Max trainable length ({path.name})", "",
-             "| model | stage | GPUs | GPU mem GiB | SP | ZeRO | offload | max length | peak GiB | source |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             "| model | stage | variant | GPUs | GPU mem GiB | SP | strategy | ZeRO | offload | max length | peak GiB "
+             "| source |",
+             "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"]
     for r in sorted(doc["rows"], key=order):
         max_len = f"{r['max_len']:,}" if isinstance(r.get("max_len"), int) else "—"
         peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "—"
-        cells = [r.get("model", "?"), r.get("stage", "?"), r.get("gpus", "?"), r.get("gpu_mem_gib", "?"),
-                 r.get("sp", "?"), r.get("zero", "?"), "yes" if r.get("offload") else "no", max_len, peak,
-                 r.get("source", "?")]
+        cells = [r.get("model", "?"), r.get("stage", "?"), r.get("variant", "—"), r.get("gpus", "?"),
+                 r.get("gpu_mem_gib", "?"), r.get("sp", "?"), strategy_label(r), r.get("zero", "?"),
+                 r.get("offload", "none"), max_len, peak, r.get("source", "?")]
         lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
     return lines
 

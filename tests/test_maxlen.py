@@ -26,7 +26,7 @@ from spbench.memory.step import StepSpec, features_from_args
 SUITE = Path(__file__).resolve().parents[1] / "spbench" / "suites" / "maxlen-qwen2.5.toml"
 
 
-def _target(model, stage, gpus, mem, sp, zero, offload, features, variant="ours", method="ulysses") -> Target:
+def _target(model, stage, gpus, mem, sp, zero, offload, features, variant="ours", method="auto") -> Target:
     return Target(variant, Setup(model, stage, gpus, mem, sp, zero, frozenset(offload), features, method))
 
 
@@ -319,3 +319,13 @@ def test_table_format():
     table = format_table([estimate_row(case, 1024)])
     lines = table.splitlines()
     assert len(lines) == 3 and "estimated" in lines[2] and "8×80 GiB" in lines[2] and "M" in lines[2]
+    assert "hybrid u4×r2" in lines[2]  # 28 heads do not split 8 ways: the runtime's gcd split, shown
+
+
+def test_a_strategy_the_runtime_refuses_is_refused_not_estimated(capsys, tmp_path):
+    from spbench.cli import main
+
+    code = main(["maxlen", "--model", "qwen2.5-7b", "--sp-method", "ulysses", "--estimate", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "heads(28) are not divisible by the ulysses degree(8)" in err[0]
+    assert not (tmp_path / "maxlen.json").exists()

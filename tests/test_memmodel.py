@@ -178,3 +178,37 @@ def test_estimate_edge_cases():
     assert mm.maxlen_estimate("tiny", "sft", 8, 80, 8, 3, OFFLOAD_BOTH, MemoryFeatures(), cap=1 << 20) == 1 << 20
     with pytest.raises(ValueError):
         mm.peak_memory(_setup(), 0)
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b",
+                                   "qwen2.5-72b", "llama-3.1-8b"])
+@pytest.mark.parametrize("sp", [2, 4, 8])
+def test_auto_strategy_is_one_the_runtime_accepts(model, sp):
+    """auto = ulysses where the runtime splits the heads, else its hybrid (ulysses = gcd); never a refused one."""
+    from runtime.attention import resolve_ulysses
+
+    m = mm.shape_of(model)
+    s = _setup(model=model, gpus=8, sp=sp, sp_method="auto")
+    assert s.ulysses == resolve_ulysses(s.sp_method, sp, m.heads, m.kv_heads)
+    splits = m.heads % sp == 0 and (m.kv_heads % sp == 0 or sp % m.kv_heads == 0)
+    assert s.sp_method == ("ulysses" if splits else "hybrid")
+
+
+def test_a_strategy_the_runtime_refuses_raises_its_message():
+    from runtime.topology import TopologyError
+
+    with pytest.raises(TopologyError, match=r"heads\(28\) are not divisible by the ulysses degree\(8\)"):
+        _setup(model="qwen2.5-7b", gpus=8, sp=8, sp_method="ulysses")
+
+
+def test_sp_buffers_follow_the_strategy():
+    """7B, SP 8: zigzag = ring (same K/V blocks); hybrid u4×r2 = its Ulysses part + its ring part; allgather
+    holds the whole sequence's K/V and so the most."""
+    n = 4096
+    m = mm.shape_of("qwen2.5-7b")
+    buf = {k: mt.sp_buffer_bytes(_setup(model="qwen2.5-7b", gpus=8, sp=8, sp_method=k), m, n)
+           for k in ("ring", "zigzag", "hybrid", "allgather")}
+    kv = max(m.kv_heads, 4) * m.head_dim  # the hybrid's Ulysses degree 4 = kv heads: nothing replicated
+    assert buf["zigzag"] == buf["ring"] == (2 * 2 * 2 + 2 * 4) * m.kv_heads * m.head_dim * n
+    assert buf["hybrid"] == 2 * (2 * m.hidden + 2 * 2 * kv) * n + (2 * 2 * 2 + 2 * 4) * kv * n
+    assert buf["allgather"] == 2 * 2 * 2 * m.kv_heads * m.head_dim * n * 8 > max(buf["ring"], buf["hybrid"])

@@ -48,12 +48,13 @@ def rendered(parity_file, tmp_path_factory):
 
 @pytest.fixture
 def maxlen_file(tmp_path):
-    rows = [{"model": "qwen-7b", "stage": "sft", "gpus": 8, "gpu_mem_gib": 80, "sp": 8, "zero": 3, "offload": False,
+    base = {"model": "qwen-7b", "gpus": 8, "gpu_mem_gib": 80, "zero": 3, "variant": "ours"}  # rows as maxlen writes them
+    rows = [{**base, "stage": "sft", "sp": 8, "offload": "none", "sp_method": "hybrid", "ulysses": 4, "ring": 2,
              "max_len": 262144, "source": "estimated", "peak_gib": 74.25},
-            {"model": "qwen-7b", "stage": "sft", "gpus": 8, "gpu_mem_gib": 80, "sp": 4, "zero": 3, "offload": False,
+            {**base, "stage": "sft", "sp": 4, "offload": "none", "sp_method": "ulysses", "ulysses": 4, "ring": 1,
              "max_len": 131072, "source": "measured", "peak_gib": 70.0},
-            {"model": "qwen-7b", "stage": "dpo", "gpus": 8, "gpu_mem_gib": 80, "sp": 1, "zero": 3, "offload": True,
-             "max_len": None, "source": "estimated", "peak_gib": None}]
+            {**base, "stage": "dpo", "sp": 1, "offload": "optimizer,param", "sp_method": "ulysses", "ulysses": 1,
+             "ring": 1, "variant": "plain", "max_len": None, "source": "estimated", "peak_gib": None}]
     path = tmp_path / "maxlen.json"
     write_json_atomic(path, {"schema": MAXLEN_SCHEMA, "provenance": PROV, "rows": rows})
     return path
@@ -84,9 +85,9 @@ def test_parity_plots_exist_and_are_linked(rendered):
 def test_maxlen_table_sorted_with_source(maxlen_file, tmp_path):
     md = report.render([maxlen_file], tmp_path / "out").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| qwen-7b")]
-    assert rows == ["| qwen-7b | dpo | 8 | 80 | 1 | 3 | yes | — | — | estimated |",
-                    "| qwen-7b | sft | 8 | 80 | 4 | 3 | no | 131,072 | 70.0 | measured |",
-                    "| qwen-7b | sft | 8 | 80 | 8 | 3 | no | 262,144 | 74.2 | estimated |"]
+    assert rows == ["| qwen-7b | dpo | plain | 8 | 80 | 1 | ulysses | 3 | optimizer,param | — | — | estimated |",
+                    "| qwen-7b | sft | ours | 8 | 80 | 4 | ulysses | 3 | none | 131,072 | 70.0 | measured |",
+                    "| qwen-7b | sft | ours | 8 | 80 | 8 | hybrid u4×r2 | 3 | none | 262,144 | 74.2 | estimated |"]
     assert not list((tmp_path / "out").glob("*.png"))
 
 

@@ -139,7 +139,7 @@ def build_targets(args) -> tuple[list[Target], int]:
         check_offload(zero, offload)
     except ValueError as e:
         raise UsageError(f"--zero {zero} --offload {','.join(offload) or 'none'}: {e}") from None
-    sp_method = pick(args.sp_method, "sp_method", "ulysses")
+    sp_method = pick(args.sp_method, "sp_method", "auto")
     if sp_method not in SP_METHODS:
         raise UsageError(f"sp_method {sp_method!r} unknown; use {', '.join(SP_METHODS)}")
     resolution = _int("--resolution", pick(args.resolution, "resolution", 1024))

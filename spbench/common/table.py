@@ -12,3 +12,9 @@ def format_table(head: list[str], rows: list[list[str]], right: set[int] = froze
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def strategy_label(row: dict) -> str:
+    """The SP strategy of a max-length row, with its degrees where it has two: "hybrid u4×r2", "ulysses"."""
+    method = str(row.get("sp_method", "?"))
+    return f"{method} u{row['ulysses']}×r{row['ring']}" if method == "hybrid" and "ulysses" in row else method

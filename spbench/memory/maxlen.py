@@ -19,6 +19,7 @@ from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
 from ..common.schemas import MAXLEN
 from ..common.table import format_table as plain_table
+from ..common.table import strategy_label
 from . import model as memmodel
 from .search import ProbeLog, SearchOutcome, SubprocessProbe, logged_probe, search_max_len
 from .setup import Setup
@@ -76,21 +77,24 @@ def _row(target: Target, max_len: int, source: str, peak_gib, **extra) -> dict:
     s = target.setup
     return {"model": s.model, "stage": s.stage, "variant": target.variant, "gpus": s.gpus,
             "gpu_mem_gib": s.gpu_mem_gib, "sp": s.sp, "zero": s.zero, "offload": ",".join(sorted(s.offload)) or "none",
-            "sp_method": s.sp_method, "features": s.features.to_json(), "max_len": max_len, "source": source,
+            "sp_method": s.sp_method, "ulysses": s.ulysses, "ring": s.sp // s.ulysses,
+            "features": s.features.to_json(), "max_len": max_len, "source": source,
             "peak_gib": peak_gib, **extra}
 
 
 def format_table(rows: list[dict]) -> str:
     """The seed-style table: model × stage × variant × SP → max length, source, peak GiB."""
-    head = ["model", "stage", "variant", "GPUs", "SP", "ZeRO", "offload", "max length", "≈", "source", "peak GiB"]
+    head = ["model", "stage", "variant", "GPUs", "SP", "strategy", "ZeRO", "offload", "max length", "≈", "source",
+            "peak GiB"]
     body = []
     for r in rows:
         n = r["max_len"]
         short = f"{n / 2**20:.2f}M" if n >= 2**20 else f"{n // 1024}k"
         peak = f"{r['peak_gib']:.1f}" if isinstance(r["peak_gib"], (int, float)) else "-"
         body.append([r["model"], r["stage"], r["variant"], f"{r['gpus']}×{r['gpu_mem_gib']:g} GiB", str(r["sp"]),
-                     str(r["zero"]), r["offload"], f"{n:,}", short, r["source"], peak])
-    return plain_table(head, body, right={4, 5, 7, 8, 10})
+                     strategy_label(r), str(r["zero"]), r["offload"], f"{n:,}", short, r["source"], peak])
+    return plain_table(head, body, right={4, 6, 8, 9, 11})
+
 
 
 def cuda_gpus() -> tuple[int, float]:

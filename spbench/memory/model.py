@@ -101,7 +101,7 @@ def peak_memory(setup: Setup, length: int, shape: Shape | None = None) -> dict:
 
 
 def maxlen_estimate(model: str, stage: str, gpus: int, gpu_mem_gib: float, sp: int, zero: int,
-                    offload=frozenset(), features: MemoryFeatures | None = None, *, sp_method: str = "ulysses",
+                    offload=frozenset(), features: MemoryFeatures | None = None, *, sp_method: str = "auto",
                     resolution: int = 1024, cap: int = 2**28) -> int:
     """Largest length (per sequence, a multiple of `resolution`) whose predicted peak fits the GPU; 0 if even
     `resolution` tokens do not fit. Bisection over the monotone model between `resolution` and `cap`."""

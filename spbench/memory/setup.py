@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from runtime.attention import METHODS, resolve_ulysses
 from runtime.memory import MemoryFeatures, shard_tokens
 from runtime.models import model_config
+from runtime.topology import TopologyError
 
 from ..common.deepspeed import check_offload
 from ..common.units import GiB
@@ -22,7 +24,18 @@ is 131.6 GiB: every measured success (≤ 119.6 GiB) fits and the 3B SFT 64k OOM
 allocated) does not. Not separately measured."""
 
 STAGES = ("sft", "dpo")
-SP_METHODS = ("ulysses", "ring")
+SP_METHODS = ("auto", *METHODS)
+"""The runtime's strategies, or auto: ulysses when the runtime can split the model's heads over the SP size,
+else hybrid (ulysses = gcd, ring = the rest: the runtime's own rule)."""
+
+
+def runnable_method(sp: int, heads: int, kv_heads: int) -> str:
+    """The strategy `auto` means for this SP size and head counts: ulysses if the runtime accepts it, else hybrid."""
+    try:
+        resolve_ulysses("ulysses", sp, heads, kv_heads)
+    except TopologyError:
+        return "hybrid"
+    return "ulysses"
 
 
 @dataclass(frozen=True)
@@ -80,10 +93,12 @@ class Setup:
     zero: int = 0
     offload: frozenset = frozenset()
     features: MemoryFeatures = field(default_factory=MemoryFeatures)
-    sp_method: str = "ulysses"
+    sp_method: str = "auto"
     first_step: bool = False
     batch: int = 1
     """Sequences (DPO: pairs) per micro-batch, per_device_train_batch_size."""
+    ulysses: int = field(init=False, default=1)
+    """The Ulysses degree the runtime resolves for sp_method (ring degree = sp / ulysses)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "offload", frozenset(self.offload))
@@ -94,6 +109,11 @@ class Setup:
         check_offload(self.zero, tuple(sorted(self.offload)))
         if self.sp_method not in SP_METHODS:
             raise ValueError(f"sp_method {self.sp_method!r} unknown; choose from {', '.join(SP_METHODS)}")
+        m = shape_of(self.model)
+        if self.sp_method == "auto":
+            object.__setattr__(self, "sp_method", runnable_method(self.sp, m.heads, m.kv_heads))
+        # the runtime's own rule: a setup it would refuse raises its TopologyError, never gets estimated
+        object.__setattr__(self, "ulysses", resolve_ulysses(self.sp_method, self.sp, m.heads, m.kv_heads))
         if self.gpu_mem_gib <= CUDA_CONTEXT_GIB:
             raise ValueError(f"gpu_mem_gib={self.gpu_mem_gib} too small (must exceed {CUDA_CONTEXT_GIB})")
 
@@ -105,14 +125,11 @@ class Setup:
     @classmethod
     def from_config(cls, cfg, gpus: int, gpu_mem_gib: float = 80.0) -> "Setup":
         """The memory model's description of the run `cfg` (a runtime TrainConfig) on `gpus` GPUs: the same
-        memory features, rows and SP degree the trainer resolves; ZeRO stage and offload from its DeepSpeed
-        file. The ring family (ring, zigzag) is modelled as "ring"; hybrid and allgather are not modelled."""
+        memory features, rows, strategy and SP degrees the trainer resolves; ZeRO stage and offload from its
+        DeepSpeed file."""
         from ..common.deepspeed import read_deepspeed
 
-        method = {"ring": "ring", "zigzag": "ring", "ulysses": "ulysses"}.get(cfg.sequence_parallel_mode)
-        if method is None:
-            raise ValueError(f"the memory model has no terms for {cfg.sequence_parallel_mode!r} yet; "
-                             f"use ulysses, ring or zigzag")
+        method = cfg.sequence_parallel_mode
         zero, offload = read_deepspeed(cfg.deepspeed) if cfg.deepspeed else (0, ())
         return cls(cfg.model_name_or_path, cfg.stage, gpus, gpu_mem_gib, cfg.sequence_parallel_size, zero,
                    frozenset(offload), cfg.memory_features, method, batch=cfg.per_device_train_batch_size)

@@ -103,9 +103,9 @@ def host_bytes(s: Setup, m: Shape, n: int) -> float:
 
 # ------------------------------------------------------------------------------ activation terms (bytes)
 def kv_heads_local(s: Setup, m: Shape) -> int:
-    """kv heads a GPU's attention sees, summed over the full sequence: Ulysses replicates kv heads up to the
-    SP degree (DESIGN.md), ring keeps them."""
-    return max(m.kv_heads, s.sp) if s.sp_method == "ulysses" and s.sp > 1 else m.kv_heads
+    """kv heads a GPU's attention sees, summed over the full sequence: Ulysses (alone or in the hybrid)
+    replicates kv heads up to its degree (DESIGN.md), ring, zigzag and allgather keep them."""
+    return max(m.kv_heads, s.ulysses) if s.ulysses > 1 else m.kv_heads
 
 
 def attention_saved_per_token(s: Setup, m: Shape) -> float:
@@ -178,15 +178,21 @@ def loss_bytes(s: Setup, m: Shape, n: int) -> float:
 
 
 def sp_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
-    """SP communication buffers during attention. Ulysses: all-to-all send + receive copies of q, k, v
-    (2 × (2h + 2·2·Hk'·d) per token, Hk' the replicated kv heads). Ring: the current and the next K/V block
-    (2 × 2·2·Hk·d) and fp32 dK/dV accumulators (2·4·Hk·d) per token. None without SP."""
+    """SP communication buffers during attention, per strategy (Hk' = kv_heads_local, u / r = Ulysses / ring
+    degree). Ulysses part (u > 1): all-to-all send + receive copies of q, k, v (2 × (2h + 2·2·Hk'·d) per
+    token). Ring part (ring, zigzag, hybrid with r > 1): the current and the next K/V block (2 × 2·2·Hk'·d) and
+    fp32 dK/dV accumulators (2·4·Hk'·d) per token — after the hybrid's all-to-all a rank holds u× the tokens
+    with 1/u of the heads, the same bytes. Allgather: every rank's K and V gathered and their gradients
+    before the reduce-scatter (2 × 2·2·Hk·d per token of the whole sequence, n·sp tokens; derived from
+    runtime/attention/allgather.py, not measured). None without SP."""
     if s.sp == 1:
         return 0.0
-    if s.sp_method == "ulysses":
-        return 2 * (2 * m.hidden + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n
-    kv = m.kv_heads * m.head_dim
-    return (2 * 2 * ACT * kv + 2 * 4 * kv) * n
+    kv = kv_heads_local(s, m) * m.head_dim
+    if s.sp_method == "allgather":
+        return 2 * 2 * ACT * kv * n * s.sp
+    ulysses = 2 * (2 * m.hidden + 2 * ACT * kv) * n if s.ulysses > 1 else 0.0
+    ring = (2 * 2 * ACT * kv + 2 * 4 * kv) * n if s.sp // s.ulysses > 1 else 0.0
+    return ulysses + ring
 
 
 def reference_forward_bytes(s: Setup, m: Shape, n: int) -> float:
