@@ -44,9 +44,29 @@ def model_config(name_or_path: str) -> PretrainedConfig:
                      f"{hint}presets: {', '.join(table)}")
 
 
+def head_counts(config: PretrainedConfig) -> tuple[int, int]:
+    """(query heads, key/value heads) of a model config; kv = query heads where the config has no GQA field."""
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def check_attention_reachable(config: PretrainedConfig) -> None:
+    """Raise ModelError unless the causal-LM class of `config` calls attention through transformers'
+    AttentionInterface: otherwise the runtime's SP attention would never run and SP would be silently off, every
+    rank holding the whole sequence (FAULTS.md F12)."""
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if cls is None or not getattr(cls, "_supports_attention_backend", False):
+        name = cls.__name__ if cls is not None else f"model type {config.model_type!r}"
+        raise ModelError(f"{name} does not route attention through transformers' AttentionInterface, so sequence "
+                         f"parallelism cannot reach it (it would run silently off); use sequence_parallel_size: 1, "
+                         f"or a model that does (qwen2, llama, ...)")
+
+
 def build_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str, seed: int = 0) -> torch.nn.Module:
     """A causal LM: presets get random weights from `seed`; checkpoint dirs load their weights."""
     config = model_config(name_or_path)
+    if attn_implementation != "sdpa":
+        check_attention_reachable(config)
     config._attn_implementation = attn_implementation
     if is_preset(name_or_path):
         torch.manual_seed(seed)

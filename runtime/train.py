@@ -21,12 +21,12 @@ import torch
 from .attention import SPAttention, resolve_ulysses, shard_plan
 from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
-from .comm import all_reduce_, sum_shards
+from .comm import CommCounter, all_reduce_, sum_shards
 from .config import DTYPES, TrainConfig
 from .data import DataError, LocalBatch, MicroBatch, StepSchedule, shard_batch
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
-from .models import build_model, model_config
+from .models import build_model, check_attention_reachable, head_counts, model_config
 from .records import SYNTHETIC, build_schedule, load_tokenizer, read_jsonl
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
@@ -52,12 +52,17 @@ def device_type(cfg: TrainConfig) -> str:
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+def ulysses_for(cfg: TrainConfig) -> int:
+    """The Ulysses degree `cfg` runs with, by the runtime's rule (TopologyError when the heads cannot split)."""
+    heads, kv_heads = head_counts(model_config(cfg.model_name_or_path))
+    return resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, heads, kv_heads, cfg.ulysses_degree)
+
+
 def preflight(cfg: TrainConfig, world: int) -> None:
     """Raise the input errors a run would hit, before any rank is spawned (one line each)."""
-    m = model_config(cfg.model_name_or_path)
-    u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
-                        m.num_key_value_heads, cfg.ulysses_degree)
-    rank_grid(world, cfg.sequence_parallel_size, u)
+    if cfg.uses_sp_attention:
+        check_attention_reachable(model_config(cfg.model_name_or_path))
+    rank_grid(world, cfg.sequence_parallel_size, ulysses_for(cfg))
     select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
     if cfg.dataset not in SYNTHETIC and not read_jsonl(cfg.dataset, cfg.stage, load_tokenizer(cfg.model_name_or_path)):
         raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
@@ -65,10 +70,12 @@ def preflight(cfg: TrainConfig, world: int) -> None:
 
 def context_for(cfg: TrainConfig) -> ParallelContext:
     """Build the process groups `cfg` needs (collective: every rank calls it)."""
-    m = model_config(cfg.model_name_or_path)
-    u = resolve_ulysses(cfg.sequence_parallel_mode, cfg.sequence_parallel_size, m.num_attention_heads,
-                        m.num_key_value_heads, cfg.ulysses_degree)
-    return build_parallel_context(cfg.sequence_parallel_size, u)
+    return build_parallel_context(cfg.sequence_parallel_size, ulysses_for(cfg))
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the (already reduced) gradients to `max_norm` (0: no clipping); returns their norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
 
 
 def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -121,8 +128,8 @@ class Trainer:
         self.pc = pc or single_process_context()
         sp = cfg.sequence_parallel_size
         mcfg = model_config(cfg.model_name_or_path)
-        self.shapes = Shapes(mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.vocab_size)
-        self.ulysses = resolve_ulysses(cfg.sequence_parallel_mode, sp, self.shapes.heads, self.shapes.kv_heads, cfg.ulysses_degree)
+        self.shapes = Shapes(*head_counts(mcfg), mcfg.vocab_size)
+        self.ulysses = ulysses_for(cfg)
         grid = self.pc.grid
         if (grid.sp, grid.ulysses) != (sp, self.ulysses):
             raise TopologyError(f"process grid has sp={grid.sp}, ulysses={grid.ulysses} but the config needs "
@@ -152,8 +159,9 @@ class Trainer:
                                                               checkpoint_offload=False),
                           self.shard_tokens, mcfg.hidden_size)
             self.ref_model = TokenLogProbs(self.ref_model, cfg.tiled_loss_chunk, offload=False)
+        self.comm = CommCounter()  # the attention's collectives of the current step (F12: > 0 when SP is on)
         self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
-                                     select_kernel(cfg.attention_kernel, self.device, self.dtype))
+                                     select_kernel(cfg.attention_kernel, self.device, self.dtype), self.comm)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
         self.schedule = schedule or build_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
         self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
@@ -235,7 +243,8 @@ class Trainer:
 
     def step(self, step: int, capture_grads: bool = False, micro_batches: list[MicroBatch] | None = None,
              read_back: bool = True) -> dict:
-        """Run optimizer step `step`; returns its metrics (identical on every rank).
+        """Run optimizer step `step`; returns its metrics (identical on every rank, but for this rank's own
+        rank_tokens, seq_tokens and sp_comm_bytes: what shows that SP was engaged).
 
         `micro_batches`: this rank's micro-batches of the step (default: from the schedule), for a caller that
         prepares the data outside a fake-tensor trace. `read_back=False` leaves loss and grad-norm values as
@@ -249,8 +258,10 @@ class Trainer:
         world = self.pc.grid.world
         if micro_batches is None:
             micro_batches = self.schedule.micro_batches(step, self.pc.dp_rank, self.tokenizer.pad_id)
+        held = padded = 0  # tokens this rank held; of the padded micro-batches (SP engaged: held × sp = padded)
         for mb in micro_batches:
             lb = shard_batch(mb, self._plan, self.pc.sp_rank, self.device)
+            held, padded = held + lb.input_ids.numel(), padded + mb.input_ids.shape[0] * self._plan(mb.seq_len).total_len
             loss = self._micro_step(lb, mb.pairs, mb.num_slots, denom, stats)
             if self.engine is None:
                 loss.backward()
@@ -261,8 +272,7 @@ class Trainer:
             self._reduce_grads()
             if capture_grads:
                 self.step0_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = clip_gradients(self.model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -274,6 +284,8 @@ class Trainer:
         read = float if read_back else (lambda t: t)
         metrics = {"step": step, "grad_norm": read(grad_norm), "lr": lr, "tokens": self.schedule.step_tokens(step)}
         metrics.update({k: read(v) / max(denom, 1) for k, v in zip(keys, vec)})
+        metrics.update(rank_tokens=held, seq_tokens=padded, sp_comm_bytes=self.comm.total())  # this rank's own
+        self.comm.records.clear()
         metrics["step_time_s"] = time.perf_counter() - t0
         return metrics
 

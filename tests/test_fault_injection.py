@@ -17,15 +17,19 @@ MICRO = {  # fault → the micro-case that exercises what it breaks
     "sft-ring": {**BASE, "stage": "sft", "sequence_parallel_mode": "ring"},
     "packed": {**BASE, "stage": "sft", "sequence_parallel_mode": "zigzag", "packing": True},
     "dpo": {**BASE, "stage": "dpo", "sequence_parallel_mode": "zigzag"},
+    "tiled": {**BASE, "stage": "sft", "sequence_parallel_mode": "zigzag", "tiled_loss_chunk": 8},
+    "clip": {**BASE, "stage": "sft", "sequence_parallel_mode": "ring", "max_grad_norm": 0.01},
 }
 TRAINING = {"F1": "sft-ring", "F2": "sft-ring", "F3": "sft-ring", "F4": "sft-ring", "F5": "sft-ring",
-            "F7": "packed", "F8": "sft-ring", "F10": "dpo"}
+            "F7": "packed", "F8": "sft-ring", "F10": "dpo", "F12": "sft-ring", "F13": "sft-ring", "F14": "tiled",
+            "F15": "clip"}
 ATTENTION = {"F6": AttnCase("ulysses", 4, heads=8, kv_heads=2, seq=30, head_dim=8),  # tiling ≠ interleaving: kv ≥ 2
              "F9": AttnCase("zigzag", 2, heads=2, kv_heads=2, seq=32, head_dim=8, q_scale=1000.0)}
 
 
 def _curve(result: dict) -> list[float]:
-    return [x for m in result["metrics"] for x in (m["loss"], m["grad_norm"])]
+    keys = ("loss", "grad_norm", "rank_tokens", "sp_comm_bytes")  # F12 keeps the loss right: SP evidence counts
+    return [float(m[k]) for m in result["metrics"] for k in keys]
 
 
 def _differs(a: list[float], b: list[float]) -> bool:

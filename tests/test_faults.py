@@ -7,4 +7,4 @@ def test_every_fault_is_caught_and_clean_runtime_passes():
     assert doc["clean_passed"], {k: v for k, v in doc["clean"].items() if not v["passed"]}
     missed = [f["id"] for f in doc["faults"] if not f["caught"]]
     assert not missed, missed
-    assert [f["id"] for f in doc["faults"]] == [f.id for f in FAULTS] and len(FAULTS) == 11
+    assert [f["id"] for f in doc["faults"]] == [f.id for f in FAULTS] and len(FAULTS) == 15

@@ -141,3 +141,20 @@ def test_train_cli_writes_metrics(tmp_path):
     assert [m["step"] for m in rows] == [0, 1] and all(math.isfinite(m["loss"]) for m in rows)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["sequence_parallel_size"] == 2
     assert "git_sha" in json.loads((tmp_path / "out" / "provenance.json").read_text())
+
+
+def test_sp_on_a_model_whose_attention_it_cannot_reach_is_refused(tmp_path):
+    """F12: a model class that does not call attention through AttentionInterface would train with SP silently
+    off; preflight refuses it (one line) before any rank starts, and SP off still runs it."""
+    from transformers import BloomConfig
+
+    from runtime.models import ModelError
+    from runtime.train import preflight
+
+    BloomConfig(n_layer=1, hidden_size=8, n_head=2, vocab_size=300).save_pretrained(tmp_path)
+    cfg = from_dict({"model_name_or_path": str(tmp_path), "sequence_parallel_size": 2, "device": "cpu"})
+    with pytest.raises(ModelError, match="does not route attention through transformers' AttentionInterface") as e:
+        preflight(cfg, 2)
+    assert "\n" not in str(e.value)
+    preflight(from_dict({"model_name_or_path": str(tmp_path), "device": "cpu"}), 1)  # SP off: transformers' sdpa
+    preflight(from_dict({"model_name_or_path": "tiny", "sequence_parallel_size": 2, "device": "cpu"}), 2)

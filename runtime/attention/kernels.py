@@ -11,7 +11,8 @@ attention calls it per block with the *merged* (global) out and lse: then
 P = exp(S − lse_global) are the true probabilities and the block's dq/dk/dv are exact.
 
 Kernels: ``reference`` (pure torch, any dtype, O(sq·sk) memory; the float64 oracle),
-``cpu-flash`` (aten's CPU flash op: float64/32/bf16, masks), ``cuda-flash`` and
+``cpu-flash`` (aten's CPU flash op: float64/32/bf16, masks; ``cpu-flash-split``: the same op without masks, so
+packed blocks take the split-by-document path CUDA takes), ``cuda-flash`` and
 ``cuda-cudnn`` (SDPA's CUDA ops) and ``flash-attn`` (the flash-attn ≥ 2.7 package, when
 installed): 16-bit only, no masks — blockattn splits packed pairs by document for them.
 ``auto`` picks cuDNN on CUDA for 16-bit (601 vs 344 TFLOP/s for flash at 32k on H200,
@@ -208,6 +209,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, causal: bool, mask=None, sca
 KERNELS: dict[str, Kernel] = {
     "reference": Kernel("reference", reference_forward, reference_backward, supports_mask=True),
     "cpu-flash": Kernel("cpu-flash", cpu_flash_forward, cpu_flash_backward, supports_mask=True),
+    # cpu-flash taking no masks: packed blocks split per document exactly as on CUDA, so that path runs on CPU
+    "cpu-flash-split": Kernel("cpu-flash-split", cpu_flash_forward, cpu_flash_backward, supports_mask=False),
     "cuda-flash": Kernel("cuda-flash", cuda_flash_forward, cuda_flash_backward, supports_mask=False),
     "cuda-cudnn": Kernel("cuda-cudnn", cuda_cudnn_forward, cuda_cudnn_backward, supports_mask=False),
     "flash-attn": Kernel("flash-attn", flash_attn_forward, flash_attn_backward, supports_mask=False),
@@ -228,6 +231,6 @@ def select_kernel(name: str, device: torch.device, dtype: torch.dtype) -> Kernel
         _flash_attn_interface()  # installed and recent enough, or one clear error now
     if (name.startswith("cuda") or name == "flash-attn") and (device.type != "cuda" or not sixteen):
         raise KernelError(f"kernel {name!r} needs CUDA tensors in bfloat16/float16 (got {device.type}, {dtype}); use auto to pick one that runs here")
-    if name == "cpu-flash" and device.type != "cpu":
-        raise KernelError(f"kernel 'cpu-flash' needs CPU tensors (got {device.type})")
+    if name.startswith("cpu-flash") and device.type != "cpu":
+        raise KernelError(f"kernel {name!r} needs CPU tensors (got {device.type})")
     return KERNELS[name]

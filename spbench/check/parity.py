@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from runtime.attention.hf import ATTN_NAME as SP_ATTENTION
 from runtime.config import from_dict
 from runtime.train import DPO_KEYS, Trainer
 
@@ -59,6 +60,7 @@ def judge_case(case: Case, ref: dict, sp: dict) -> dict:
                                      for n, g in ref["grads"].items())
         if not param_err <= tol["grad"]:
             failures.append(f"step-0 grad of {worst_param}: rel err {param_err:.3g} > {tol['grad']:.0e}")
+    failures += sp_engaged_failures(case, sp)
     dpo_err = None
     if case.stage == "dpo":
         dpo_err = max(dpo_error(case, k, r, s) for r, s in zip(rm, sm) for k in DPO_KEYS
@@ -73,7 +75,23 @@ def judge_case(case: Case, ref: dict, sp: dict) -> dict:
         "failures": failures,
         "ref_losses": [m["loss"] for m in rm], "sp_losses": [m["loss"] for m in sm],
         "ref_grad_norms": [m["grad_norm"] for m in rm], "sp_grad_norms": [m["grad_norm"] for m in sm],
+        "sp_engaged": {"rank_tokens": [m["rank_tokens"] for m in sm], "seq_tokens": [m["seq_tokens"] for m in sm],
+                       "sp_comm_bytes": [m["sp_comm_bytes"] for m in sm], "attention": sp.get("attention")},
     }
+
+
+def sp_engaged_failures(case: Case, sp: dict) -> list[str]:
+    """FAULTS.md F12/F13, without comparing any loss: with SP on, rank 0 held exactly 1/sp of the (padded) tokens of
+    every step, its attention sent bytes, and the model's attention is the runtime's registered one."""
+    if case.sp == 1:
+        return []
+    out = [f"SP not engaged at step {i}: rank 0 held {m['rank_tokens']} of {m['seq_tokens']} tokens, expected 1/{case.sp}"
+           for i, m in enumerate(sp["metrics"]) if m["rank_tokens"] * case.sp != m["seq_tokens"]]
+    out += [f"SP not engaged at step {i}: the attention sent no bytes" for i, m in enumerate(sp["metrics"])
+            if not m["sp_comm_bytes"] > 0]
+    if sp.get("attention") != SP_ATTENTION:
+        out.append(f"SP not engaged: the model runs attention {sp.get('attention')!r}, not {SP_ATTENTION!r}")
+    return out[:3]
 
 
 def error_result(case: Case, message: str) -> dict:

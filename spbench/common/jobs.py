@@ -25,4 +25,4 @@ def train_on_rank(info, cfg_values: dict, capture_grads: bool = False, on_step=N
     grads = None
     if trainer.step0_grads is not None:
         grads = {k: v.detach().to("cpu", torch.float64) for k, v in trainer.step0_grads.items()}
-    return {"metrics": history, "grads": grads}
+    return {"metrics": history, "grads": grads, "attention": trainer.model.config._attn_implementation}

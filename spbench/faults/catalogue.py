@@ -56,6 +56,10 @@ FAULTS = (
     Fault("F9", "ring merge numerics", ("attention:large-logits",)),
     Fault("F10", "sequence-level losses per shard", ("parity:dpo-sigmoid-zigzag-sp4", "parity:dpo-ipo-zigzag-sp4")),
     Fault("F11", "full-vocabulary logits memory", ("memory:logits",)),
+    Fault("F12", "SP silently off", ("parity:sft-zigzag-sp4", "parity:dpo-sigmoid-zigzag-sp4")),  # no loss compared
+    Fault("F13", "sequence split twice", ("parity:sft-zigzag-sp4", "parity:sft-ring-sp2")),
+    Fault("F14", "tiled-loss gradient factor", ("parity:features-sft-zigzag-sp2",)),
+    Fault("F15", "grad norm over-counted for clipping", ("parity:clip-sft-ring-sp2",)),
 )
 
 ATTENTION_CHECKS = {

@@ -18,12 +18,14 @@ import torch.distributed as dist
 import runtime.attention.blockattn
 import runtime.attention.ulysses
 import runtime.comm
+import runtime.config
 import runtime.data
 import runtime.losses
 import runtime.train
 from runtime.attention.blockattn import SeqMeta
 from runtime.comm import all_reduce_
-from runtime.layout import pad_to
+from runtime.data import MicroBatch
+from runtime.layout import ShardPlan, pad_to
 from runtime.losses import IGNORE
 
 
@@ -150,6 +152,65 @@ def _untiled(hidden, lm_head, targets, chunk_tokens=None):
 ORIGINAL_TOKEN_LOGPROBS = runtime.losses.token_logprobs
 
 
+def _sp_silently_off(orig):
+    """F12: the SP path is not engaged: rank 0 of each SP group holds the whole sequence (attention plain sdpa),
+    the others a 1-token stub with nothing supervised; loss and gradients stay right, no memory is saved."""
+    def shard_batch(mb, plan_for, sp_rank, device="cpu"):
+        if sp_rank == 0:
+            return orig(mb, lambda n: ShardPlan.for_length(n, 1, 1, False), 0, device)
+        lb = orig(mb, plan_for, sp_rank, device)
+        lb.input_ids, lb.position_ids = lb.input_ids[:, :1], lb.position_ids[:, :1]
+        lb.targets, lb.seq_slot = torch.full_like(lb.targets[:, :1], IGNORE), torch.full_like(lb.seq_slot[:, :1], -1)
+        return lb
+    return shard_batch
+
+
+def _split_twice(orig):
+    """F13: an outer adapter shards, then the SP path shards the shard again: 1/N² of the tokens per rank."""
+    def shard_batch(mb, plan_for, sp_rank, device="cpu"):
+        lb = orig(mb, plan_for, sp_rank, device)
+        docs = torch.where(lb.seq_slot >= 0, 0, -1)
+        inner = MicroBatch(lb.input_ids, lb.targets, lb.position_ids, docs, lb.seq_slot, mb.pairs, mb.num_slots)
+        return orig(inner, plan_for, sp_rank, device)
+    return shard_batch
+
+
+class _ScaledGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _tiled_grad_factor(hidden, lm_head, targets, chunk_tokens=None):
+    """F14: tiled logits whose forward is exact but whose backward scales each chunk's gradient (0.75×, 1.5×, ...)."""
+    if chunk_tokens is None or hidden.reshape(-1, hidden.shape[-1]).shape[0] <= chunk_tokens:
+        return ORIGINAL_TOKEN_LOGPROBS(hidden, lm_head, targets, chunk_tokens)
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    parts = [_ScaledGrad.apply(ORIGINAL_TOKEN_LOGPROBS(h[i:i + chunk_tokens], lm_head, t[i:i + chunk_tokens]),
+                               0.75 if (i // chunk_tokens) % 2 == 0 else 1.5)
+             for i in range(0, h.shape[0], chunk_tokens)]
+    return torch.cat(parts).reshape(targets.shape)
+
+
+def _norm_over_sp(sp: int):
+    """F15: the clipping norm is reduced over the SP group once more after the gradients were summed: √sp × too
+    large, so clipping bites too early (and the reported norm is inflated)."""
+    def clip_gradients(parameters, max_norm):
+        params = [p for p in parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) * sp ** 0.5
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+    return clip_gradients
+
+
 def _injection(fault: str, cfg: dict) -> contextlib.AbstractContextManager:
     sp = cfg.get("sequence_parallel_size", 1)
     n_terms = sp * cfg.get("gradient_accumulation_steps", 1) * (dist.get_world_size() // sp if dist.is_initialized() else 1)
@@ -166,12 +227,23 @@ def _injection(fault: str, cfg: dict) -> contextlib.AbstractContextManager:
         "F9": lambda: swapped_function(runtime.attention.blockattn, "merge", _naive_merge),
         "F10": lambda: swapped_function(runtime.comm, "sum_shards", lambda x, g, c=None: _AllReduceBoth.apply(x, g, c)),
         "F11": lambda: swapped_function(runtime.losses, "token_logprobs", _untiled),
+        "F12": lambda: _both(swapped(runtime.config.TrainConfig, "uses_sp_attention", property(lambda self: False)),
+                             swapped_function(runtime.data, "shard_batch", _sp_silently_off(shard))),
+        "F13": lambda: swapped_function(runtime.data, "shard_batch", _split_twice(shard)),
+        "F14": lambda: swapped_function(runtime.losses, "token_logprobs", _tiled_grad_factor),
+        "F15": lambda: swapped_function(runtime.train, "clip_gradients", _norm_over_sp(sp)),
     }
     return table[fault]()
 
 
-INJECTED = ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11")
+INJECTED = tuple(f"F{i}" for i in range(1, 16))
 """The fault ids with an injection."""
+
+
+@contextlib.contextmanager
+def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 def inject(fault: str | None, cfg: dict) -> contextlib.AbstractContextManager:

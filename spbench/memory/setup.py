@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from runtime.attention import METHODS, resolve_ulysses
 from runtime.memory import MemoryFeatures, shard_tokens
-from runtime.models import model_config
+from runtime.models import head_counts, model_config
 from runtime.topology import TopologyError
 
 from ..common.deepspeed import check_offload
@@ -72,9 +72,8 @@ class Shape:
 def shape_of(model: str) -> Shape:
     """`Shape` of a preset name or local checkpoint dir (raises runtime.models.ModelError if neither)."""
     c = model_config(model)
-    heads = c.num_attention_heads
-    return Shape(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=heads,
-                 kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+    heads, kv_heads = head_counts(c)
+    return Shape(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=heads, kv_heads=kv_heads,
                  head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
                  intermediate=c.intermediate_size, vocab=c.vocab_size, tied=bool(c.tie_word_embeddings),
                  qkv_bias=bool(getattr(c, "attention_bias", c.model_type == "qwen2")))
