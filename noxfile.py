@@ -42,3 +42,11 @@ def gpu(session: nox.Session) -> None:
     Runs `spbench gpu-check` (attention, bf16 parity, plain vs ours probes: memory with the model's error, tokens/s, MB/token; the trainer
     on 2 emulated ranks; one maxlen probe); results in reports/gpu/. Needs the machine's CUDA torch, so no virtualenv is made."""
     session.run("python", "-m", "spbench", "gpu-check", "--out", "reports/gpu", *session.posargs)
+
+
+@nox.session
+def mutants(session: nox.Session) -> None:
+    """Mutation testing: each planted bug of spbench/suites/mutants.toml must fail the ci parity suite or the
+    attention check (tens of minutes; not in the default sessions). Example: nox -s mutants -- --only M03"""
+    install(session)
+    session.run("python", "-m", "spbench.check.mutants", *session.posargs)

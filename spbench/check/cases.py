@@ -63,9 +63,10 @@ class Case:
                 if deepspeed is None:
                     raise ValueError(f"case {self.name} runs ZeRO {self.zero}: pass deepspeed= to write its config")
                 values["deepspeed"] = deepspeed(self.zero, parse_offload(self.offload))
-        else:
+        else:  # plain torch, and with packing the runtime's masked kernel: the path SP runs is not its own oracle
             values.update(gradient_accumulation_steps=self.ga * self.dp)
             values.pop("deepspeed", None)
+            values.pop("attention_kernel", None)
         return from_dict(values, source=f"case {self.name}")
 
     def fields(self) -> dict:

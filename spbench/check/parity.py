@@ -108,12 +108,13 @@ def run_reference(case: Case, device: str = "cpu") -> dict:
 
 def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, log=print,
               pools: dict[int, RankPool] | None = None, refs: dict[str, dict] | None = None,
-              sp_job: Callable = train_on_rank) -> list[dict]:
+              sp_job: Callable = train_on_rank, fail_fast: bool = False) -> list[dict]:
     """Run every case (grouped by world size, one rank pool each); crashes become error results.
 
     `pools` (world → RankPool) and `refs` (reference cache) may be shared between calls. `sp_job(info,
     cfg_values, capture_grads)` is the rank job of the SP run (the fault catalogue passes one with a bug
-    injected); the reference always runs the clean trainer in this process.
+    injected); the reference always runs the clean trainer in this process. `fail_fast`: stop after the first
+    case that does not pass (the results then hold the cases run so far).
     """
     results: dict[str, dict] = {}
     refs = {} if refs is None else refs
@@ -128,6 +129,8 @@ def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, lo
                     results[c.name] = res = _run_case(c, pool, device, deepspeed, refs, sp_job)
                     res["wall_s"] = round(time.perf_counter() - t0, 3)
                     _log_case(log, res, len(results), len(cases))
+                    if fail_fast and not res["passed"]:
+                        return [results[c.name] for c in cases if c.name in results]
     return [results[c.name] for c in cases]
 
 

@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--suite", default="ci", help="shipped suite name (ci, full, faults) or a .toml path (default ci)")
     p.add_argument("--case", metavar="NAME[,NAME...]", help="run only these cases of the suite (see --list)")
     p.add_argument("--list", action="store_true", help="list the suite's cases and exit")
+    p.add_argument("--fail-fast", action="store_true", help="stop after the first case that does not pass")
     p.add_argument("--stage", choices=["sft", "dpo"], help="single ad-hoc case instead of a suite")
     p.add_argument("--pref-loss", default="sigmoid", help="ad-hoc dpo loss (default sigmoid)")
     p.add_argument("--method", default="zigzag", help="ad-hoc SP method (default zigzag)")
@@ -100,7 +101,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     print(f"parity: suite {suite}, {len(cases)} cases, backend {args.backend}", flush=True)
-    results = run_cases(cases, args.backend, args.timeout)
+    results = run_cases(cases, args.backend, args.timeout, fail_fast=args.fail_fast)
     wall = time.perf_counter() - t0
     prov = provenance(" ".join(["spbench", *sys.argv[1:]]), args.backend, max(c.world for c in cases), 0, wall)
     doc = results_doc(suite, results, prov)
