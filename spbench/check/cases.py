@@ -79,7 +79,7 @@ class Case:
 
 def load_suite(name: str) -> tuple[str, list[Case]]:
     """(suite name, expanded cases) of a shipped parity suite (ci, full, faults) or a .toml path."""
-    source, data = read_suite(name, "parity", exclude_prefix="maxlen")
+    source, data = read_suite(name, "parity", exclude_prefix=("maxlen", "mutants"))  # other kinds of TOML
     defaults = data.get("defaults", {})
     entries = data.get("cases", [])
     if not isinstance(defaults, dict) or not isinstance(entries, list):

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import tomllib
 
-SCHEMA = "spbench.mutants/1"
+from ..common.schemas import MUTANTS as SCHEMA
+
 ATTENTION_CHECKS = [  # strategy, GQA below the SP size, packed documents crossing shards, an odd length
     ["--method", m, "--sp", "4", "--heads", "8", "--kv-heads", "2", "--seq", "203", "--head-dim", "8",
      "--docs", "70,50,83", *(["--ulysses", "2"] if m == "hybrid" else [])]

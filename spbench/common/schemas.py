@@ -17,5 +17,8 @@ MEMTRACE = "spbench.memtrace/1"
 MEASUREMENTS = "spbench.measurements/1"
 """Stored GPU measurements the memory model is checked against (reports/measurements/)."""
 
+MUTANTS = "spbench.mutants/1"
+"""The mutant list (spbench/suites/mutants.toml) and the results of `python -m spbench.check.mutants`."""
+
 ENTRIES = {PARITY: "cases", MAXLEN: "rows", GPU_CHECK: "steps"}
 """The list each results schema that `spbench report` reads holds its entries in."""

@@ -17,7 +17,7 @@ def shipped(prefix: str = "") -> dict[str, object]:
             if p.name.endswith(".toml") and p.name.startswith(prefix)}
 
 
-def read_suite(name: str, kind: str, exclude_prefix: str | None = None, prefix: str = "") -> tuple[str, dict]:
+def read_suite(name: str, kind: str, exclude_prefix: tuple[str, ...] = (), prefix: str = "") -> tuple[str, dict]:
     """(where it was read from, the parsed TOML) of a shipped suite `name` or a .toml path; UsageError, one line,
     when it does not exist or does not parse. `kind` names the suite in messages ("parity", "maxlen")."""
     if name.endswith(".toml"):
@@ -27,7 +27,7 @@ def read_suite(name: str, kind: str, exclude_prefix: str | None = None, prefix: 
                              f"({', '.join(_names(exclude_prefix, prefix))})")
         source, text = str(path), path.read_text(encoding="utf-8")
     else:
-        table = {k: v for k, v in shipped(prefix).items() if not (exclude_prefix and k.startswith(exclude_prefix))}
+        table = {k: v for k, v in shipped(prefix).items() if not k.startswith(exclude_prefix or ())}
         if name not in table:
             near = difflib.get_close_matches(name, table, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
@@ -39,8 +39,8 @@ def read_suite(name: str, kind: str, exclude_prefix: str | None = None, prefix: 
         raise UsageError(f"{kind} suite {source} is not valid TOML: {e}") from None
 
 
-def _names(exclude_prefix: str | None, prefix: str) -> list[str]:
-    return sorted(k for k in shipped(prefix) if not (exclude_prefix and k.startswith(exclude_prefix)))
+def _names(exclude_prefix: tuple[str, ...], prefix: str) -> list[str]:
+    return sorted(k for k in shipped(prefix) if not k.startswith(exclude_prefix or ()))
 
 
 def golden(name: str) -> Path:
