@@ -12,7 +12,7 @@ from runtime.config import DTYPES
 
 from ..check.attention import AttnCase, judge_attention, run_on_rank
 from ..common.backend import BACKENDS, choose_backend, rank_device
-from ..common.errors import UsageError
+from ..common.errors import UsageError, need_positive
 from ..common.pool import RankPool
 
 EPILOG = """examples:
@@ -55,6 +55,7 @@ def _case(args) -> AttnCase:
 
 
 def run(args) -> int:
+    need_positive(timeout=args.timeout)
     case = _case(args)
     backend = choose_backend(args.backend, case.sp)
     select_kernel(case.kernel, torch.device(rank_device(backend)), DTYPES[case.dtype])  # KernelError → one line

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..common.errors import UsageError
+from ..common.errors import UsageError, need_positive
 from ..common.results import provenance, results_doc, write_json_atomic
 
 EPILOG = """examples:
@@ -87,6 +87,7 @@ def _noise_floor(args) -> int:
 
 
 def run(args) -> int:
+    need_positive(timeout=args.timeout, sp=args.sp, steps=args.steps)
     if args.noise_floor:
         return _noise_floor(args)
     suite, cases = _cases(args)

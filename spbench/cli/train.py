@@ -16,6 +16,7 @@ from runtime.config import config_fields, load_config
 from runtime.train import device_type, preflight
 
 from ..common.backend import BACKENDS, choose_backend
+from ..common.errors import need_positive
 from ..common.jobs import train_on_rank
 from ..common.pool import RankInfo, RankPool
 from ..common.results import append_jsonl, provenance, write_json_atomic
@@ -55,6 +56,7 @@ class MetricsLog:
 
 
 def run(args) -> int:
+    need_positive(nproc=args.nproc, timeout=args.timeout)
     cfg = load_config(args.config)
     if "RANK" not in os.environ:
         preflight(cfg, args.nproc or cfg.sequence_parallel_size)

@@ -15,3 +15,10 @@ class RankError(RuntimeError):
     def __init__(self, message: str, errors: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.errors = dict(errors or {})
+
+
+def need_positive(**values: float | None) -> None:
+    """UsageError naming the first CLI value that is given but not > 0, e.g. need_positive(timeout=-5)."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")

@@ -9,9 +9,13 @@ restarted on the next call, so one bad job never hangs the others.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -21,7 +25,9 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from .errors import RankError
+from .errors import RankError, UsageError
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threads: int) -> None:
+def die_with_parent(parent: int, period: float = 0.5) -> None:
+    """End this process when `parent` (the pid that spawned it) is gone: SIGTERM or SIGKILL to a launcher
+    (timeout, Slurm, CI cancellation) must not leave ranks training or hanging. Linux's parent-death signal
+    covers a killed parent at once; a watchdog thread covers the rest (re-parenting is seen as a new ppid)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
+def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threads: int, parent: int) -> None:
     import torch.distributed as dist
 
+    die_with_parent(parent)
     torch.set_num_threads(threads)
     # What torchrun would export; DeepSpeed reads these.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -74,6 +101,8 @@ class RankPool:
 
     def __init__(self, world: int, backend: str = "gloo", timeout: float = 300.0, threads: int | None = None,
                  startup_timeout: float = 300.0):
+        if world < 1 or not timeout > 0 or not startup_timeout > 0:
+            raise UsageError(f"a rank pool needs world >= 1 and timeouts > 0 s, got world {world}, timeout {timeout:g} s")
         self.world, self.backend, self.timeout, self.startup_timeout = world, backend, timeout, startup_timeout
         self.threads = threads or max(1, (os.cpu_count() or 1) // world)
         self._procs: list = []
@@ -84,8 +113,8 @@ class RankPool:
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(self.world)]
         self._procs = [
-            ctx.Process(target=_worker, args=(r, self.world, port, self.backend, self._inboxes[r], self._outbox, self.threads),
-                        daemon=True)
+            ctx.Process(target=_worker, daemon=True,
+                        args=(r, self.world, port, self.backend, self._inboxes[r], self._outbox, self.threads, os.getpid()))
             for r in range(self.world)
         ]
         for p in self._procs:
@@ -97,9 +126,10 @@ class RankPool:
                 self._outbox.get(timeout=0.5)
                 ready += 1
             except queue.Empty:
-                if any(p.exitcode is not None for p in self._procs) or time.monotonic() > deadline:
-                    raise RankError(self._failure_report("start-up", {}, grace=0.0)
-                                    + f" (ranks not ready after {self.startup_timeout:.0f} s?)")
+                died = any(p.exitcode is not None for p in self._procs)
+                if died or time.monotonic() > deadline:
+                    why = "" if died else f" (not ready after {self.startup_timeout:.0f} s)"
+                    raise RankError(self._failure_report("start-up", {}, grace=0.0) + why)
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
         """fn(RankInfo, *args) on every rank → [result of rank 0, rank 1, ...]."""
