@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -173,3 +174,12 @@ def test_provenance_without_git(monkeypatch):
 
 def test_version_of_missing_package():
     assert results._version("surely-not-an-installed-dist-xyz") == "not installed"
+
+
+def test_results_files_get_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
