@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .check.tolerances import rel_errors
 from .common.errors import UsageError
-from .common.results import load_results, write_bytes_atomic, write_text_atomic
+from .common.results import load_results, writable_folder, write_bytes_atomic, write_text_atomic
 from .common.schemas import GPU_CHECK, MAXLEN, PARITY
 from .common.table import strategy_label
 
@@ -22,8 +22,7 @@ def render(paths, out_dir) -> Path:
     if not paths:
         raise UsageError("no results files given; pass at least one RESULTS.json")
     docs = [(Path(p), load_results(p, (PARITY, MAXLEN, GPU_CHECK))) for p in paths]  # all valid first
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir, "--out")
     lines = ["# spbench report", ""]
     for i, (path, doc) in enumerate(docs, 1):
         if doc["schema"] == PARITY:

@@ -22,3 +22,36 @@ def test_non_positive_values_are_one_line_exit_2(tmp_path, capsys, argv, flag):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{flag} must be > 0" in err[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["parity", "--stage", "sft", "--out", "BAD"],
+    ["maxlen", "--model", "tiny", "--estimate", "--out", "BAD"],
+    ["report", "GOLDEN", "--out", "BAD"],
+    ["gate", "--baseline", "GOLDEN", "--results", "GOLDEN", "--junit", "BAD/gate.xml"],
+    ["train", "BADCFG"],
+])
+def test_an_unwritable_output_is_one_line_exit_2_before_any_work(tmp_path, capsys, argv):
+    from spbench.common.suites import golden
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    bad = str(blocker / "sub")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: tiny\noutput_dir: {bad}\n")
+    subst = {"BAD": bad, "GOLDEN": str(golden("ci")), "BADCFG": str(cfg), "BAD/gate.xml": bad + "/gate.xml"}
+    assert main([subst.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a writable folder" in err[0], err
+
+
+def test_a_run_that_dies_leaves_no_stale_provenance(tmp_path, capsys):
+    """Provenance is written last: a re-run that fails leaves none of the previous run's beside its partial files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "provenance.json").write_text("{}")
+    cfg = tmp_path / "run.yaml"  # a global batch larger than the data: every rank fails building the trainer
+    cfg.write_text(f"model_name_or_path: tiny\ndevice: cpu\nmax_samples: 2\nper_device_train_batch_size: 4\n"
+                   f"dtype: float32\noutput_dir: {out}\n")
+    assert main(["train", str(cfg), "--nproc", "1"]) == 1
+    assert not (out / "provenance.json").exists()

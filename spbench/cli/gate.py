@@ -8,9 +8,11 @@ Exit 2 on unusable input (a missing or malformed file, an unknown dtype). Import
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..check.gate import gate, junit_xml, parse_tolerances
 from ..check.tolerances import GATE
-from ..common.results import case_key, load_results, write_text_atomic
+from ..common.results import case_key, load_results, writable_folder, write_text_atomic
 from ..common.table import format_table
 
 EPILOG = """examples:
@@ -30,6 +32,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     tolerances = parse_tolerances(args.tolerances)
+    if args.junit:
+        writable_folder(Path(args.junit).parent, "--junit")
     baseline, results = load_results(args.baseline), load_results(args.results)
     regressions = gate(baseline, results, tolerances)
     if args.junit:

@@ -20,6 +20,7 @@ from runtime.models import ModelError, model_config
 
 from ..common.deepspeed import check_offload, parse_offload
 from ..common.errors import UsageError
+from ..common.results import writable_folder
 from ..common.schemas import MAXLEN_SUITE
 from ..common.suites import read_suite
 from ..memory.maxlen import Target, run_targets
@@ -182,6 +183,7 @@ def run(args, probe_factory=None, gpus=None) -> int:
     """`spbench maxlen`. `probe_factory(target, backend)` → probe callable and `gpus()` → (count, GiB) let tests
     stand in for a GPU machine."""
     targets, resolution = build_targets(args)
+    writable_folder(args.out, "--out")
     extra = {} if gpus is None else {"gpus": gpus}
     return run_targets(targets, resolution, Path(args.out), _command(args), estimate=args.estimate,
                        emulate=args.emulate, resume=args.resume, probe_timeout=args.probe_timeout, as_json=args.json,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..common.errors import UsageError, need_positive
-from ..common.results import provenance, results_doc, write_json_atomic
+from ..common.results import provenance, results_doc, writable_folder, write_json_atomic
 
 EPILOG = """examples:
   spbench parity                              # the default suite (ci), results in out/parity
@@ -100,13 +100,16 @@ def run(args) -> int:
     from ..check.parity import run_cases
     from ..report import render
 
+    out = writable_folder(args.out, "--out")
+    for stale in (out / f"{suite}.json", out / "report.md"):  # a run that dies must not leave the last one looking current
+        stale.unlink(missing_ok=True)
+
     t0 = time.perf_counter()
     print(f"parity: suite {suite}, {len(cases)} cases, backend {args.backend}", flush=True)
     results = run_cases(cases, args.backend, args.timeout, fail_fast=args.fail_fast)
     wall = time.perf_counter() - t0
     prov = provenance(" ".join(["spbench", *sys.argv[1:]]), args.backend, max(c.world for c in cases), 0, wall)
     doc = results_doc(suite, results, prov)
-    out = Path(args.out)
     path = out / f"{suite}.json"
     write_json_atomic(path, doc)
     report = render([path], out)

@@ -19,7 +19,7 @@ from ..common.backend import BACKENDS, choose_backend
 from ..common.errors import need_positive
 from ..common.jobs import train_on_rank
 from ..common.pool import RankInfo, RankPool
-from ..common.results import append_jsonl, provenance, write_json_atomic
+from ..common.results import append_jsonl, provenance, writable_folder, write_json_atomic
 
 EPILOG = """examples:
   spbench train examples/sft_tiny.yaml --nproc 4
@@ -60,9 +60,9 @@ def run(args) -> int:
     cfg = load_config(args.config)
     if "RANK" not in os.environ:
         preflight(cfg, args.nproc or cfg.sequence_parallel_size)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    out = writable_folder(cfg.output_dir, "output_dir")
+    for stale in ("metrics.jsonl", "provenance.json"):  # provenance is written last: present means complete
+        (out / stale).unlink(missing_ok=True)
     write_json_atomic(out / "config.json", cfg.to_dict())
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         return _torchrun(cfg, out, args)

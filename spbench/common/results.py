@@ -144,6 +144,19 @@ def _atomic(path: str | os.PathLike, write) -> None:
         raise
 
 
+def writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """`folder`, created if needed, after a write test: UsageError (one line) now instead of a traceback after the
+    work (a read-only or misspelt output path). `what` names the flag or key in the message."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {str(path)!r} is not a writable folder ({e.strerror}); give another path") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)
