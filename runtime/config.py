@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,13 @@ class TrainConfig:
 
         need(self.stage in ("sft", "dpo"), f"stage {self.stage!r} is unknown; use sft or dpo")
         need(self.pref_loss in PREF_LOSSES, f"pref_loss {self.pref_loss!r} is unknown; use one of {', '.join(PREF_LOSSES)}")
-        need(self.pref_beta > 0, f"pref_beta must be > 0, got {self.pref_beta}")
+        need(self.pref_beta > 0 and math.isfinite(self.pref_beta), f"pref_beta must be > 0, got {self.pref_beta}")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+             f"learning_rate must be a number > 0, got {self.learning_rate}")
+        need(self.weight_decay >= 0 and math.isfinite(self.weight_decay), f"weight_decay must be ≥ 0, got {self.weight_decay}")
+        need(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm),
+             f"max_grad_norm must be ≥ 0 (0 = no clipping), got {self.max_grad_norm}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
         need(self.sequence_parallel_mode in METHODS,
              f"sequence_parallel_mode {self.sequence_parallel_mode!r} is unknown; use one of {', '.join(METHODS)}")
         need(self.sequence_parallel_size >= 1, f"sequence_parallel_size must be ≥ 1, got {self.sequence_parallel_size}")
@@ -136,10 +144,44 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown key {key!r} in {source}{hint}")
-    try:
-        return TrainConfig(**values)
-    except TypeError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    hints = typing.get_type_hints(TrainConfig)
+    return TrainConfig(**{key: _typed(key, value, hints[key], source) for key, value in values.items()})
+
+
+def _typed(key: str, value: Any, hint, source: str) -> Any:
+    """`value` checked against the declared type of field `key` (one line naming the key when it does not fit).
+    A float field takes a number written as a string ("5e-6" is a string to YAML, a number to LLaMA-Factory's
+    users); nothing else is converted: `packing: "no"` is an error, not True."""
+    kinds = typing.get_args(hint) or (hint,)
+    expected = " or ".join({int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                            type(None): "null"}[k] for k in kinds)
+    if value is None and type(None) in kinds or isinstance(value, bool) and bool in kinds:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and (int in kinds or float in kinds):
+        return value if int in kinds else float(value)
+    if isinstance(value, float) and float in kinds:
+        return value
+    if isinstance(value, str) and str in kinds:
+        return value
+    if isinstance(value, str) and float in kinds:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -148,7 +190,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):

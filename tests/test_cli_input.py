@@ -55,3 +55,41 @@ def test_a_run_that_dies_leaves_no_stale_provenance(tmp_path, capsys):
                    f"dtype: float32\noutput_dir: {out}\n")
     assert main(["train", str(cfg), "--nproc", "1"]) == 1
     assert not (out / "provenance.json").exists()
+
+
+BAD_CONFIG_VALUES = [  # YAML line → what the one-line error names
+    ("learning_rate: -1", "learning_rate"), ("learning_rate: .nan", "learning_rate"),
+    ("learning_rate: abc", "learning_rate"), ("weight_decay: -0.1", "weight_decay"),
+    ("sequence_parallel_size: true", "sequence_parallel_size"), ("sequence_parallel_size: 2.5", "sequence_parallel_size"),
+    ("sequence_parallel_size: null", "sequence_parallel_size"), ('gradient_checkpointing: "false"', "gradient_checkpointing"),
+    ('packing: "no"', "packing"), ("warmup_steps: -1", "warmup_steps"), ("warmup_steps: 0.1", "warmup_steps"),
+    ("max_grad_norm: -1", "max_grad_norm"), ("max_steps: five", "max_steps"), ('cutoff_len: "256"', "cutoff_len"),
+    ("seed: 1\nseed: 2", "appears twice"), ("dataset: [a.jsonl, b.jsonl]", "dataset"),
+]
+
+
+@pytest.mark.parametrize("line,names", BAD_CONFIG_VALUES, ids=[b[0] for b in BAD_CONFIG_VALUES])
+def test_bad_config_values_are_one_line_naming_the_key(tmp_path, capsys, line, names):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: tiny\noutput_dir: {tmp_path / 'run'}\n{line}\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and names in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_number_written_as_a_string_is_a_number_as_llama_factory_reads_it(tmp_path):
+    from runtime.config import load_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text('learning_rate: "5e-6"\nnum_train_epochs: 3\n')
+    c = load_config(cfg)
+    assert c.learning_rate == 5e-6 and c.num_train_epochs == 3.0 and isinstance(c.num_train_epochs, float)
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(b"model_name_or_path: tiny\nrun_name: caf\xe9\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not UTF-8" in err[0]
