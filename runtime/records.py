@@ -104,8 +104,13 @@ def read_jsonl(path: str, stage: str, tok) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"dataset {path!r} is neither 'synthetic', 'synthetic-full' nor an existing .jsonl file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -127,9 +132,14 @@ def build_schedule(cfg: TrainConfig, dp: int, tokenizer, vocab: int) -> StepSche
                                     full=cfg.dataset == "synthetic-full")
     else:
         records = read_jsonl(cfg.dataset, cfg.stage, tokenizer)[: cfg.max_samples]
+        if not records:
+            raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
     if max((max(v) for r in records for v in r.values() if v), default=0) >= vocab:
         raise ConfigError(f"dataset token ids exceed the model's vocabulary ({vocab})")
     units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tokenizer.eos_id)
+    if not any(u.supervised() for u in units):  # every response cut away: the run would train on nothing
+        raise DataError(f"no record of dataset {cfg.dataset!r} keeps a supervised token within cutoff_len "
+                        f"{cfg.cutoff_len} (the prompts fill it); raise cutoff_len or shorten the prompts")
     sched = StepSchedule(units, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, dp, cfg.seed)
     if sched.global_batch > len(units):
         raise ConfigError(f"global batch {sched.global_batch} (batch × grad accum × dp) exceeds the {len(units)} rows "

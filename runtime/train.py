@@ -23,11 +23,11 @@ from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
 from .comm import CommCounter, all_reduce_, sum_shards
 from .config import DTYPES, TrainConfig
-from .data import DataError, LocalBatch, MicroBatch, StepSchedule, shard_batch
+from .data import LocalBatch, MicroBatch, StepSchedule, shard_batch
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
 from .models import build_model, check_attention_reachable, head_counts, model_config
-from .records import SYNTHETIC, build_schedule, load_tokenizer, read_jsonl
+from .records import build_schedule, load_tokenizer
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -59,13 +59,13 @@ def ulysses_for(cfg: TrainConfig) -> int:
 
 
 def preflight(cfg: TrainConfig, world: int) -> None:
-    """Raise the input errors a run would hit, before any rank is spawned (one line each)."""
+    """Raise the input errors a run would hit (model, layout, kernel, data) before any rank starts, one line each."""
     if cfg.uses_sp_attention:
         check_attention_reachable(model_config(cfg.model_name_or_path))
     rank_grid(world, cfg.sequence_parallel_size, ulysses_for(cfg))
     select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
-    if cfg.dataset not in SYNTHETIC and not read_jsonl(cfg.dataset, cfg.stage, load_tokenizer(cfg.model_name_or_path)):
-        raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
+    build_schedule(cfg, world // cfg.sequence_parallel_size, load_tokenizer(cfg.model_name_or_path),
+                   model_config(cfg.model_name_or_path).vocab_size)
 
 
 def context_for(cfg: TrainConfig) -> ParallelContext:

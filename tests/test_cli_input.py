@@ -50,10 +50,11 @@ def test_a_run_that_dies_leaves_no_stale_provenance(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "provenance.json").write_text("{}")
-    cfg = tmp_path / "run.yaml"  # a global batch larger than the data: every rank fails building the trainer
-    cfg.write_text(f"model_name_or_path: tiny\ndevice: cpu\nmax_samples: 2\nper_device_train_batch_size: 4\n"
-                   f"dtype: float32\noutput_dir: {out}\n")
-    assert main(["train", str(cfg), "--nproc", "1"]) == 1
+    cfg = tmp_path / "run.yaml"  # a long run killed by its timeout: the ranks fail mid-run
+    cfg.write_text(f"model_name_or_path: tiny\ndevice: cpu\ncutoff_len: 32\nmax_steps: 100000\ndtype: float32\n"
+                   f"output_dir: {out}\n")
+    assert main(["train", str(cfg), "--nproc", "1", "--timeout", "8"]) == 1
+    assert (out / "metrics.jsonl").exists()  # it did run
     assert not (out / "provenance.json").exists()
 
 
@@ -93,3 +94,19 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not UTF-8" in err[0]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"instruction": "caf\xe9", "output": "x"}\n', "not UTF-8"),
+    (b'{"instruction": "' + b"p" * 300 + b'", "output": "answer"}\n', "keeps a supervised token"),
+    (b"", "has no records"),
+])
+def test_unusable_data_is_one_line_before_any_rank(tmp_path, capsys, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: tiny\ndataset: {data}\ncutoff_len: 64\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
