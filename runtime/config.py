@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,12 @@ class TrainConfig:
              "use attention: auto or runtime with sequence_parallel_size > 1 or packing")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is unknown; use auto, cpu or cuda")
         need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
+        if self.deepspeed is not None:
+            try:
+                need(isinstance(json.loads(Path(self.deepspeed).read_text(encoding="utf-8")), dict),
+                     f"deepspeed config {self.deepspeed!r} must hold a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ConfigError(f"deepspeed config {self.deepspeed!r} is not valid JSON ({e})") from None
 
     @property
     def memory_features(self) -> MemoryFeatures:

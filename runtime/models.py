@@ -37,11 +37,28 @@ def model_config(name_or_path: str) -> PretrainedConfig:
         return cls(**fields, use_cache=False)
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:  # broken JSON, unknown model_type, missing fields
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"checkpoint {name_or_path!r}: config.json is unusable ({first[:200]})") from None
     near = difflib.get_close_matches(name_or_path, table, n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
     raise ModelError(f"model {name_or_path!r} is neither a preset nor a local checkpoint dir with config.json; "
                      f"{hint}presets: {', '.join(table)}")
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def check_weights(name_or_path: str) -> None:
+    """ModelError unless `name_or_path` is a preset (random weights) or a checkpoint dir holding weight files."""
+    if is_preset(name_or_path):
+        return
+    path = Path(name_or_path)
+    if not any(f for pattern in WEIGHT_FILES for f in path.glob(pattern)):
+        raise ModelError(f"checkpoint {name_or_path!r} has no weights ({' or '.join(WEIGHT_FILES)}); give the folder "
+                         f"save_pretrained wrote, or a preset name for random weights")
 
 
 def head_counts(config: PretrainedConfig) -> tuple[int, int]:
@@ -75,3 +92,10 @@ def build_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str,
         model = AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, dtype=dtype,
                                                      attn_implementation=attn_implementation)
     return model
+
+
+def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` on `device`: moved only if some tensor is elsewhere (a checkpoint loaded on the host), so a model
+    built in place (presets, fake-tensor traces) is never copied."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device == device for t in tensors) else model.to(device)

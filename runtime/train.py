@@ -22,11 +22,11 @@ from .attention import SPAttention, resolve_ulysses, shard_plan
 from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
 from .comm import CommCounter, all_reduce_, sum_shards
-from .config import DTYPES, TrainConfig
+from .config import DTYPES, ConfigError, TrainConfig
 from .data import LocalBatch, MicroBatch, StepSchedule, shard_batch
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
-from .models import build_model, check_attention_reachable, head_counts, model_config
+from .models import build_model, check_attention_reachable, check_weights, head_counts, model_config, placed
 from .records import build_schedule, load_tokenizer
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
@@ -60,8 +60,11 @@ def ulysses_for(cfg: TrainConfig) -> int:
 
 def preflight(cfg: TrainConfig, world: int) -> None:
     """Raise the input errors a run would hit (model, layout, kernel, data) before any rank starts, one line each."""
+    check_weights(cfg.model_name_or_path)
     if cfg.uses_sp_attention:
         check_attention_reachable(model_config(cfg.model_name_or_path))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch sees no CUDA GPU here; use device: auto or cpu")
     rank_grid(world, cfg.sequence_parallel_size, ulysses_for(cfg))
     select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
     build_schedule(cfg, world // cfg.sequence_parallel_size, load_tokenizer(cfg.model_name_or_path),
@@ -76,13 +79,6 @@ def context_for(cfg: TrainConfig) -> ParallelContext:
 def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
     """Clip the (already reduced) gradients to `max_norm` (0: no clipping); returns their norm before clipping."""
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
-
-
-def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` on `device`: moved only if some tensor is elsewhere (a checkpoint loaded on the host), so a model
-    built in place (presets, fake-tensor traces) is never copied."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return model if all(t.device == device for t in tensors) else model.to(device)
 
 
 class TokenLogProbs(torch.nn.Module):

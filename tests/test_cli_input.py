@@ -110,3 +110,58 @@ def test_unusable_data_is_one_line_before_any_rank(tmp_path, capsys, content, me
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def _checkpoint(tmp_path, config_text: str | None, weights: bool):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    if config_text is not None:
+        (ckpt / "config.json").write_text(config_text)
+    if weights:
+        (ckpt / "model.safetensors").write_bytes(b"")
+    return ckpt
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda t: _checkpoint(t, "{not json", True), "config.json is unusable"),
+    (lambda t: _checkpoint(t, '{"model_type": "no-such-model"}', True), "config.json is unusable"),
+    (lambda t: _checkpoint(t, '{"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4, '
+                              '"num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 64, '
+                              '"vocab_size": 300}', False), "has no weights"),
+])
+def test_unusable_checkpoints_are_one_line(tmp_path, capsys, setup, message):
+    ckpt = setup(tmp_path)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {ckpt}\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("extra,argv_tail,message", [
+    ("deepspeed: DS\n", [], "is not valid JSON"),
+    ("device: cuda\n", [], "no CUDA GPU"),
+    ("", ["--backend", "nccl"], "--backend nccl needs CUDA"),
+])
+def test_engines_the_machine_cannot_run_are_one_line(tmp_path, capsys, extra, argv_tail, message):
+    import torch
+
+    if torch.cuda.is_available() and "cuda" in message.lower():
+        pytest.skip("this machine has CUDA")
+    ds = tmp_path / "ds.json"
+    ds.write_text("{broken")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: tiny\noutput_dir: {tmp_path / 'run'}\n" + extra.replace("DS", str(ds)))
+    assert main(["train", str(cfg), *argv_tail]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_check_attention_with_nccl_and_no_gpu_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["check-attention", "--method", "ring", "--sp", "2", "--backend", "nccl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs CUDA" in err[0]

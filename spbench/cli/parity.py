@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..common.backend import choose_backend
 from ..common.errors import UsageError, need_positive
 from ..common.results import provenance, results_doc, writable_folder, write_json_atomic
 
@@ -88,6 +89,7 @@ def _noise_floor(args) -> int:
 
 def run(args) -> int:
     need_positive(timeout=args.timeout, sp=args.sp, steps=args.steps)
+    choose_backend(args.backend, 1)  # nccl / gloo-cuda without CUDA: one line now
     if args.noise_floor:
         return _noise_floor(args)
     suite, cases = _cases(args)

@@ -1,6 +1,7 @@
 """Which process-group backend local ranks use: one rule for every command that spawns ranks."""
 from __future__ import annotations
 
+from .errors import UsageError
 from .units import GiB
 
 BACKENDS = ("auto", "gloo", "nccl", "gloo-cuda")
@@ -13,6 +14,11 @@ def choose_backend(requested: str, nproc: int, device: str = "auto") -> str:
     nccl when the machine has a GPU for every one of the `nproc` ranks, else gloo-cuda (ranks share GPUs)."""
     if requested not in BACKENDS:
         raise ValueError(f"backend {requested!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if requested in ("nccl", "gloo-cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--backend {requested} needs CUDA GPUs and torch sees none here; use --backend gloo or auto")
     if requested != "auto":
         return requested
     if device == "cpu":
