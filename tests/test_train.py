@@ -152,6 +152,7 @@ def test_sp_on_a_model_whose_attention_it_cannot_reach_is_refused(tmp_path):
     from runtime.train import preflight
 
     BloomConfig(n_layer=1, hidden_size=8, n_head=2, vocab_size=300).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # preflight only checks that weights are there
     cfg = from_dict({"model_name_or_path": str(tmp_path), "sequence_parallel_size": 2, "device": "cpu"})
     with pytest.raises(ModelError, match="does not route attention through transformers' AttentionInterface") as e:
         preflight(cfg, 2)
