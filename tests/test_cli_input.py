@@ -165,3 +165,44 @@ def test_check_attention_with_nccl_and_no_gpu_is_one_line(capsys):
     assert main(["check-attention", "--method", "ring", "--sp", "2", "--backend", "nccl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs CUDA" in err[0]
+
+
+@pytest.mark.parametrize("toml,message", [
+    ('[suite]\nname = "x"\n', "no cases"),
+    ('[[cases]]\nmethod = "ring"\nsp = 2\n', "stage"),
+    ('[[cases]]\nstage = "sft"\nmethod = "ring"\nsp = 2\nzero = 5\n', "ZeRO stage 5"),
+    ('cases = ["sft"]\n', "must be a table"),
+    ('cases = "sft"\n', "array of tables"),
+    ("[[cases]\n", "not valid TOML"),
+])
+def test_bad_suites_are_one_line(tmp_path, capsys, toml, message):
+    suite = tmp_path / "s.toml"
+    suite.write_text(toml)
+    assert main(["parity", "--suite", str(suite), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sp_losses": "boom"}, "sp_losses must be a list of numbers"),
+    ({"ref_losses": ["1", "2"]}, "ref_losses must be a list of numbers"),
+    ({"metrics": "x"}, "metrics must be an object"),
+])
+@pytest.mark.parametrize("command", ["gate", "report"])
+def test_malformed_results_are_unusable_input_not_regressions(tmp_path, capsys, change, message, command):
+    import json
+
+    from spbench.common.suites import golden
+
+    doc = json.loads(golden("ci").read_text())
+    doc["cases"][0].update(change)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    out = tmp_path / "rep"
+    argv = (["gate", "--baseline", str(golden("ci")), "--results", str(bad)] if command == "gate"
+            else ["report", str(bad), "--out", str(out)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()  # report: nothing half-written

@@ -86,11 +86,15 @@ def load_suite(name: str) -> tuple[str, list[Case]]:
         raise UsageError(f"{source}: [defaults] must be a table and [[cases]] an array of tables")
     cases: list[Case] = []
     for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("config", {}), dict):
+            raise UsageError(f"{source}: case {i} must be a table ([[cases]] with key = value lines)")
         spec = {**defaults, **entry, "config": {**defaults.get("config", {}), **entry.get("config", {})}}
         unknown = set(spec) - CASE_KEYS
         if unknown:
             raise UsageError(f"{source}: case {i}: unknown field(s) {sorted(unknown)}; known: {sorted(CASE_KEYS)}")
         cases += expand(spec)
+    if not cases:
+        raise UsageError(f"{source}: no cases; add [[cases]] tables (spbench/suites/ci.toml shows the format)")
     names = [c.name for c in cases]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

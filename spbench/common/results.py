@@ -246,4 +246,19 @@ def _check_entries(path: Path, data: dict, key: str) -> None:
         if case["name"] in seen:
             raise UsageError(f"results file {path}: case name {case['name']!r} appears twice; names must be unique")
         seen.add(case["name"])
+        _check_case_values(path, case)
+
+
+CURVES = ("ref_losses", "sp_losses", "ref_grad_norms", "sp_grad_norms")
+
+
+def _check_case_values(path: Path, case: dict) -> None:
+    """Curves are lists of numbers and metrics an object: anything else is unusable input, never a 'regression'."""
+    for key in CURVES:
+        curve = case.get(key, [])
+        if not isinstance(curve, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in curve):
+            raise UsageError(f"results file {path}: case {case['name']!r}: {key} must be a list of numbers, got "
+                             f"{str(curve)[:60]!r}")
+    if not isinstance(case.get("metrics", {}), dict):
+        raise UsageError(f"results file {path}: case {case['name']!r}: metrics must be an object")
 
