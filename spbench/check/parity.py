@@ -26,6 +26,17 @@ from .cases import Case
 from .tolerances import TOLERANCES, ZERO, rel_err
 
 
+def applied_tolerances(case: Case) -> dict[str, float]:
+    """The relative tolerance each metric of `case` is judged with: its dtype's (check/tolerances.py), and under
+    ZeRO DeepSpeed's float32 grad norm and update path (ZERO); `dpo` for DPO cases only."""
+    tol = TOLERANCES[case.dtype]
+    out = {"loss": tol["loss"], "grad_norm": max(tol["grad"], ZERO["grad_norm"]) if case.zero else tol["grad"],
+           "param_grad": tol["grad"]}
+    if case.stage == "dpo":
+        out["dpo"] = max(tol["loss"], ZERO["dpo"]) if case.zero else tol["loss"]
+    return out
+
+
 def dpo_error(case: Case, key: str, r: dict, s: dict) -> float:
     """Relative error of one DPO quantity. Rewards β(π − ρ) are differences of near-equal log-probs
     (0 at step 0), so they are measured against β·|log p|, the scale they are computed from.
@@ -40,9 +51,8 @@ def dpo_error(case: Case, key: str, r: dict, s: dict) -> float:
 
 def judge_case(case: Case, ref: dict, sp: dict) -> dict:
     """Case result (schema spbench.results/1) from the reference and SP runs' outputs."""
-    tol = TOLERANCES[case.dtype]
-    gn_tol = max(tol["grad"], ZERO["grad_norm"]) if case.zero else tol["grad"]
-    dpo_tol = max(tol["loss"], ZERO["dpo"]) if case.zero else tol["loss"]
+    applied = applied_tolerances(case)
+    tol, gn_tol, dpo_tol = TOLERANCES[case.dtype], applied["grad_norm"], applied.get("dpo")
     rm, sm = ref["metrics"], sp["metrics"]
     failures = []
     loss_err = [rel_err(s["loss"], r["loss"]) for r, s in zip(rm, sm)]
@@ -69,7 +79,7 @@ def judge_case(case: Case, ref: dict, sp: dict) -> dict:
             failures.append(f"dpo rewards/logps: max rel err {dpo_err:.3g} > {dpo_tol:.0e}")
     return {
         **case.fields(), "passed": not failures, "error": None,
-        "tolerance": {"loss": tol["loss"], "grad": tol["grad"]},
+        "tolerance": applied,
         "metrics": {"max_loss_rel_err": max(loss_err, default=None), "max_grad_norm_rel_err": max(gn_err, default=None),
                     "max_param_grad_rel_err": param_err, "worst_param": worst_param, "max_dpo_rel_err": dpo_err},
         "failures": failures,
@@ -97,7 +107,7 @@ def sp_engaged_failures(case: Case, sp: dict) -> list[str]:
 def error_result(case: Case, message: str) -> dict:
     """The result of a case whose SP run crashed or timed out."""
     return {**case.fields(), "passed": False, "error": message, "failures": [], "ref_losses": [], "sp_losses": [],
-            "ref_grad_norms": [], "sp_grad_norms": [], "metrics": {}, "tolerance": TOLERANCES[case.dtype]}
+            "ref_grad_norms": [], "sp_grad_norms": [], "metrics": {}, "tolerance": applied_tolerances(case)}
 
 
 def run_reference(case: Case, device: str = "cpu") -> dict:
@@ -123,8 +133,12 @@ def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, lo
         for world in sorted({c.world for c in cases}):
             owned = pools is None or world not in pools
             pool = RankPool(world, backend=backend, timeout=timeout) if owned else pools[world]
+            group = [c for c in cases if c.world == world]
+            log(f"      {len(group)} case(s) on {world} {backend} ranks (starting them takes a few seconds) ...")
             with pool if owned else contextlib.nullcontext():
-                for c in (c for c in cases if c.world == world):
+                for c in group:
+                    if c.zero:  # DeepSpeed's start-up is the longest silence of the suite: say what it is
+                        log(f"      {c.name}: DeepSpeed ZeRO-{c.zero} initialising on every rank ...")
                     t0 = time.perf_counter()
                     results[c.name] = res = _run_case(c, pool, device, deepspeed, refs, sp_job)
                     res["wall_s"] = round(time.perf_counter() - t0, 3)
