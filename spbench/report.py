@@ -96,30 +96,52 @@ def _plots(cases: list[dict], out: Path, prefix: str) -> list[str]:
         names.append(_save(fig, ax, out, f"{prefix}-loss-{_slug(stage)}-{_slug(method)}.png"))
     comparable = [c for c in cases if c.get("sp_losses") and len(c["sp_losses"]) == len(c.get("ref_losses") or ())]
     if comparable:
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.add_subplot()
-        for c in comparable:
-            errs = [max(e, ERR_FLOOR) for e in rel_errors(c["sp_losses"], c["ref_losses"])]
-            ax.plot(range(len(errs)), errs, marker="o", ms=3, label=c["name"])
-        for tol in sorted({c["tolerance"]["loss"] for c in comparable if (c.get("tolerance") or {}).get("loss")}):
-            ax.axhline(tol, color="red", ls=":", lw=1, label=f"loss tolerance {tol:.0e}")
-        ax.set_yscale("log")
-        ax.set(xlabel="optimizer step", title="SP vs reference: relative loss error per step",
-               ylabel=f"relative loss error |SP − ref| / |ref|\n(0 drawn at {ERR_FLOOR:.0e})")
-        names.append(_save(fig, ax, out, f"{prefix}-loss-error.png"))
+        names.append(_error_plot(comparable, out, f"{prefix}-loss-error.png"))
     return names
 
 
-def _save(fig, ax, out: Path, name: str) -> str:
+def _error_plot(cases: list[dict], out: Path, name: str) -> str:
+    """Relative loss error per step, one small plot per stage and SP strategy (a few lines each, so each can be
+    named), with the loss tolerance drawn in."""
+    from matplotlib.figure import Figure
+
+    groups = defaultdict(list)  # (stage, strategy) → its cases
+    for c in cases:
+        groups[(str(c.get("stage", "?")), str(c.get("method", "?")))].append(c)
+    fig = Figure(figsize=(8, 3.2 * len(groups)))
+    for i, ((stage, method), group) in enumerate(sorted(groups.items()), 1):
+        ax = fig.add_subplot(len(groups), 1, i)
+        for c in group:
+            errs = [max(e, ERR_FLOOR) for e in rel_errors(c["sp_losses"], c["ref_losses"])]
+            ax.plot(range(len(errs)), errs, marker="o", ms=3, label=c["name"])
+        for tol in sorted({c["tolerance"]["loss"] for c in group if (c.get("tolerance") or {}).get("loss")}):
+            ax.axhline(tol, color="red", ls=":", lw=1, label=f"loss tolerance {tol:.0e}")
+        ax.set_yscale("log")
+        ax.set(xlabel="optimizer step", title=f"{stage} / {method}: relative loss error, SP vs reference",
+               ylabel=f"|SP − ref| / |ref| (0 drawn at {ERR_FLOOR:.0e})")
+        _style(ax)
+    fig.tight_layout()
+    return _write_png(fig, out, name)
+
+
+def _style(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def _write_png(fig, out: Path, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     write_bytes_atomic(out / name, buf.getvalue())
     return name
+
+
+def _save(fig, ax, out: Path, name: str) -> str:
+    _style(ax)
+    return _write_png(fig, out, name)
 
 
 def _gpu_check_section(doc: dict, path: Path) -> list[str]:
