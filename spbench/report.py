@@ -4,7 +4,9 @@ GPU-check (spbench.gpu-check/1) file, each followed by its provenance."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,18 +25,23 @@ def render(paths, out_dir) -> Path:
         raise UsageError("no results files given; pass at least one RESULTS.json")
     docs = [(Path(p), load_results(p, (PARITY, MAXLEN, GPU_CHECK))) for p in paths]  # all valid first
     out = writable_folder(out_dir, "--out")
-    lines = ["# spbench report", ""]
-    for i, (path, doc) in enumerate(docs, 1):
-        if doc["schema"] == PARITY:
-            lines += _parity_section(doc, path, out, prefix=f"{i}-{_slug(path.stem)}")
-        elif doc["schema"] == GPU_CHECK:
-            lines += _gpu_check_section(doc, path)
-        else:
-            lines += _maxlen_section(doc, path)
-        lines += _provenance(doc.get("provenance") or {})
-    report = out / "report.md"
-    write_text_atomic(report, "\n".join(lines) + "\n")
-    return report
+    # everything is written into a hidden folder first and moved in at the end: a report that fails half-way
+    # leaves no plots without their report.md
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as tmp:
+        staging = Path(tmp)
+        lines = ["# spbench report", ""]
+        for i, (path, doc) in enumerate(docs, 1):
+            if doc["schema"] == PARITY:
+                lines += _parity_section(doc, path, staging, prefix=f"{i}-{_slug(path.stem)}")
+            elif doc["schema"] == GPU_CHECK:
+                lines += _gpu_check_section(doc, path)
+            else:
+                lines += _maxlen_section(doc, path)
+            lines += _provenance(doc.get("provenance") or {})
+        write_text_atomic(staging / "report.md", "\n".join(lines) + "\n")
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == "report.md"):  # report.md last
+            os.replace(f, out / f.name)
+    return out / "report.md"
 
 
 def _parity_section(doc: dict, path: Path, out: Path, prefix: str) -> list[str]:

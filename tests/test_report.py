@@ -125,3 +125,15 @@ def test_cli_bad_schema_raises_usage_error(tmp_path):
     args = _parse([str(tmp_path / "bad.json"), "--out", str(tmp_path / "cli")])
     with pytest.raises(UsageError, match="has schema 'foo'"):
         args.func(args)
+
+
+def test_a_report_that_fails_half_way_leaves_nothing_behind(parity_file, tmp_path, monkeypatch):
+    """Plots are staged with report.md and moved in together: a crash after the plots leaves no orphan PNGs."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(report, "_provenance", boom)  # fails after the parity plots were drawn
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk gone"):
+        report.render([parity_file], out)
+    assert list(out.iterdir()) == []

@@ -28,7 +28,11 @@ TOLERANCES = {
 # relative at float64 on CPU), so ZeRO cases compare the grad norm at float32 precision; its update
 # path moves float64 weights by float32-rounded steps, so DPO rewards β(π − ρ), which start at 0 and are
 # differences of near-equal log-probs, drift ~3e-6 relative after one step (measured, ZeRO-3, CPU).
-ZERO = {"grad_norm": 1e-6, "dpo": 1e-5}
+# The DPO loss drifts for the same reason: step 0 is exact (error 0.0 in every ZeRO case), later steps move
+# because the float32-rounded update shifts each sequence's log-prob sum (|Σ log p| ≈ 300 on the tiny suite)
+# and the loss sees β × their differences: measured 3.7e-9 and 9.7e-9 for the two DPO ZeRO-3 cases against
+# 6e-10 for SFT (reports/parity/ci.json, 2026-12-01), so DPO under ZeRO is held to 1e-7 (10× the worst).
+ZERO = {"grad_norm": 1e-6, "dpo": 1e-5, "dpo_loss": 1e-7}
 
 ATTENTION = {
     # error = max |sp − oracle| / max(1, max |oracle|), per quantity (check/attention.py)
