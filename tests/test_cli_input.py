@@ -206,3 +206,17 @@ def test_malformed_results_are_unusable_input_not_regressions(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()  # report: nothing half-written
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["faults", "--only", "F99"], "unknown fault id"),
+    (["gpu-check", "--dry-run", "--budget", "1"], "--budget"),
+    (["gpu-check", "--dry-run", "--only", "nope"], "--only"),
+    (["maxlen", "--model", "no-such-model", "--estimate"], "neither a preset"),
+    (["check-attention", "--method", "ulysses", "--sp", "4", "--heads", "6", "--kv-heads", "2"], "not divisible"),
+])
+def test_every_command_answers_bad_input_with_one_line(tmp_path, capsys, argv, message):
+    assert main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] in ("maxlen", "gpu-check") else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
