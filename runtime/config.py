@@ -162,7 +162,7 @@ def _typed(key: str, value: Any, hint, source: str) -> Any:
     kinds = typing.get_args(hint) or (hint,)
     expected = " or ".join({int: "an integer", float: "a number", bool: "true or false", str: "a string",
                             type(None): "null"}[k] for k in kinds)
-    if value is None and type(None) in kinds or isinstance(value, bool) and bool in kinds:
+    if (value is None and type(None) in kinds) or (isinstance(value, bool) and bool in kinds):
         return value
     if isinstance(value, int) and not isinstance(value, bool) and (int in kinds or float in kinds):
         return value if int in kinds else float(value)
