@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import typing
@@ -16,12 +15,14 @@ import yaml
 from .attention import METHODS
 from .attention.kernels import KERNELS
 from .errors import InputError
+from .lf import translate
 from .losses import PREF_LOSSES
 from .memory import MemoryFeatures
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION = ("auto", "runtime", "sdpa")
+FINETUNING = ("full", "lora")
 _MEMORY = MemoryFeatures()  # the one set of memory-feature defaults (runtime/memory.py)
 
 
@@ -38,7 +39,9 @@ class TrainConfig:
     pref_loss: str = field(default="sigmoid", metadata={"doc": "dpo loss: sigmoid | ipo | simpo | hinge"})
     pref_beta: float = field(default=0.1, metadata={"doc": "dpo β (inverse temperature)"})
     simpo_gamma: float = field(default=0.5, metadata={"doc": "simpo target reward margin γ"})
-    dataset: str = field(default="synthetic", metadata={"doc": "synthetic (random lengths) | synthetic-full (every sequence cutoff_len tokens) | path to a .jsonl (sft: alpaca or sharegpt; dpo: prompt/chosen/rejected)"})
+    dataset: str = field(default="synthetic", metadata={"doc": "synthetic (random lengths) | synthetic-full (every sequence cutoff_len tokens) | comma-separated dataset names of dataset_dir/dataset_info.json or paths of .json/.jsonl files (alpaca, sharegpt, openai messages; dpo: their ranking forms or prompt/chosen/rejected)"})
+    dataset_dir: str = field(default="data", metadata={"doc": "folder of dataset_info.json (LLaMA-Factory's format) and the files it names"})
+    template: str = field(default="auto", metadata={"doc": "auto or a LLaMA-Factory template name: the checkpoint tokenizer's chat template when it has one, else the plain format | plain"})
     max_samples: int | None = field(default=None, metadata={"doc": "use at most this many records (synthetic: how many to make, default 64)"})
     cutoff_len: int = field(default=4096, metadata={"doc": "tokens per sequence after truncation (packed rows hold up to this many)"})
     packing: bool = field(default=False, metadata={"doc": "pack several samples per row; attention stays within each sample"})
@@ -54,6 +57,7 @@ class TrainConfig:
     learning_rate: float = field(default=1e-5, metadata={"doc": "peak learning rate (AdamW)"})
     lr_scheduler_type: str = field(default="constant", metadata={"doc": "constant | linear | cosine (after warmup)"})
     warmup_steps: int = field(default=0, metadata={"doc": "linear warmup steps"})
+    warmup_ratio: float = field(default=0.0, metadata={"doc": "warmup as a fraction of the total steps, ⌈ratio × steps⌉ (used when warmup_steps is 0)"})
     weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"doc": "clip the reduced gradient to this norm (0 = no clipping)"})
     dtype: str = field(default="bfloat16", metadata={"doc": "float64 | float32 | bfloat16 (parameters and compute)"})
@@ -65,6 +69,12 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
     output_dir: str = field(default="out/run", metadata={"doc": "metrics.jsonl, config.json, provenance.json go here"})
     device: str = field(default="auto", metadata={"doc": "auto (cuda when available) | cpu | cuda"})
+    ddp_timeout: int = field(default=1800, metadata={"doc": "seconds a collective waits for the other ranks before the run fails"})
+    finetuning_type: str = field(default="full", metadata={"doc": "full (every weight trains) | lora (peft adapters; the base stays frozen; dpo's reference is the model with adapters disabled) | freeze is not implemented"})
+    lora_rank: int = field(default=8, metadata={"doc": "lora: rank r of each adapter"})
+    lora_alpha: int | None = field(default=None, metadata={"doc": "lora: scale α (the update is α/r · B A); null = 2 × lora_rank"})
+    lora_dropout: float = field(default=0.0, metadata={"doc": "lora: dropout on each adapter's input (0 in parity cases: dropout draws differ by layout)"})
+    lora_target: str = field(default="all", metadata={"doc": "lora: all (every nn.Linear of the decoder layers; not lm_head or embeddings) | comma-separated module names, e.g. q_proj,v_proj"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -80,6 +90,9 @@ class TrainConfig:
         need(self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm),
              f"max_grad_norm must be ≥ 0 (0 = no clipping), got {self.max_grad_norm}")
         need(self.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.ddp_timeout > 0, f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
+        need(bool(self.dataset.strip(",")), "dataset is empty; name a dataset, a file, or synthetic")
         need(self.sequence_parallel_mode in METHODS,
              f"sequence_parallel_mode {self.sequence_parallel_mode!r} is unknown; use one of {', '.join(METHODS)}")
         need(self.sequence_parallel_size >= 1, f"sequence_parallel_size must be ≥ 1, got {self.sequence_parallel_size}")
@@ -104,6 +117,12 @@ class TrainConfig:
              "attention: sdpa (transformers' own) cannot shard a sequence or keep packed samples apart; "
              "use attention: auto or runtime with sequence_parallel_size > 1 or packing")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is unknown; use auto, cpu or cuda")
+        need(self.finetuning_type != "freeze", "finetuning_type freeze is not implemented; use full or lora")
+        need(self.finetuning_type in FINETUNING, f"finetuning_type {self.finetuning_type!r} is unknown; use full or lora")
+        need(self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0 or null (2 × lora_rank), got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(bool(self.lora_target_names), f"lora_target {self.lora_target!r} names no module; use all or e.g. q_proj,v_proj")
         need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
         if self.deepspeed is not None:
             try:
@@ -118,6 +137,11 @@ class TrainConfig:
         return MemoryFeatures(tiled_loss_chunk=self.tiled_loss_chunk, tiled_mlp_chunks=self.tiled_mlp_chunks,
                               checkpoint_offload=self.checkpoint_offload,
                               gradient_checkpointing=self.gradient_checkpointing)
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        """lora_target as module names (("all",) for all); checked against the model at preflight."""
+        return tuple(n.strip() for n in self.lora_target.split(",") if n.strip())
 
     @property
     def rows_per_micro_batch(self) -> int:
@@ -144,13 +168,10 @@ def config_fields() -> dict[str, str]:
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """TrainConfig from a mapping; an unknown key is one error naming the nearest known key."""
-    known = config_fields()
-    for key in values:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(known)}"
-            raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+    """TrainConfig from a mapping of spbench keys; unknown keys are one error naming all of them."""
+    unknown = sorted(set(values) - set(config_fields()))
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {', '.join(unknown)}; the README lists the keys")
     hints = typing.get_type_hints(TrainConfig)
     return TrainConfig(**{key: _typed(key, value, hints[key], source) for key, value in values.items()})
 
@@ -175,7 +196,8 @@ def _typed(key: str, value: Any, hint, source: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+    hint = "; a fraction of the total steps is warmup_ratio" if key == "warmup_steps" and isinstance(value, float) else ""
+    raise ConfigError(f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__}){hint}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -191,8 +213,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config file (plus overrides) into a validated TrainConfig."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                notes: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config file (plus overrides, key → value) into a validated TrainConfig.
+
+    LLaMA-Factory keys are translated, accepted or refused (runtime/lf.py); what spbench does differently from
+    LLaMA-Factory for this config is appended to `notes`, one line each."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -204,4 +230,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(values).__name__}")
-    return from_dict({**values, **(overrides or {})}, source=str(path))
+    ours, said = translate({**values, **(overrides or {})}, set(config_fields()), str(path))
+    if notes is not None:
+        notes += said
+    return from_dict(ours, source=str(path))

@@ -59,10 +59,17 @@ class Unit:
         return {d.pair for d in self.docs if d.pair >= 0}
 
 
-def _example(prompt: list[int], response: list[int], cutoff: int, eos: int, **kw) -> Doc:
-    ids = (prompt + response + [eos])[:cutoff]
-    labels = ([IGNORE] * len(prompt) + response + [eos])[:cutoff]
-    return Doc(ids, labels, **kw)
+def _example(turns: list, cutoff: int, eos: int, **kw) -> Doc:
+    """[(prompt, response), …] → one document: each response and its eos supervised, cut to `cutoff` at the tail."""
+    ids, labels = [], []
+    for prompt, response in turns:
+        ids += prompt + response + [eos]
+        labels += [IGNORE] * len(prompt) + response + [eos]
+    return Doc(ids[:cutoff], labels[:cutoff], **kw)
+
+
+def _turns(record: dict) -> list:
+    return record["turns"] if "turns" in record else [(record["prompt"], record["response"])]
 
 
 def build_units(stage: str, records: list[dict], cutoff: int, packing: bool, eos: int) -> list[Unit]:
@@ -70,11 +77,11 @@ def build_units(stage: str, records: list[dict], cutoff: int, packing: bool, eos
     if not records:
         raise DataError("the dataset is empty; give a .jsonl with at least one record")
     if stage == "sft":
-        docs = [[_example(r["prompt"], r["response"], cutoff, eos)] for r in records]
+        docs = [[_example(_turns(r), cutoff, eos)] for r in records]
         capacity = cutoff
     else:
-        docs = [[_example(r["prompt"], r["chosen"], cutoff, eos, pair=i, chosen=True),
-                 _example(r["prompt"], r["rejected"], cutoff, eos, pair=i, chosen=False)] for i, r in enumerate(records)]
+        docs = [[_example([(r["prompt"], r["chosen"])], cutoff, eos, pair=i, chosen=True),
+                 _example([(r["prompt"], r["rejected"])], cutoff, eos, pair=i, chosen=False)] for i, r in enumerate(records)]
         capacity = 2 * cutoff  # a pair always fits a packed dpo row
     if not packing:
         return [Unit(d, split=stage == "dpo") for d in docs]

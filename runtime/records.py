@@ -1,17 +1,19 @@
-"""Where training records come from: tokenizers (bytes, or a checkpoint's own), synthetic records, JSONL files.
+"""Where training records come from: tokenizers (bytes, or a checkpoint's own), synthetic records, dataset files.
 
-A record is a dict of token-id lists: {"prompt", "response"} (SFT) or {"prompt", "chosen", "rejected"} (DPO);
+A record is a dict of token-id lists: {"turns": [[prompt, response], …]} or its one-turn form {"prompt", "response"}
+(SFT), {"prompt", "chosen", "rejected"} (DPO);
 runtime.data turns records into units, micro-batches and shards.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, TrainConfig
 from .data import DataError, StepSchedule, build_units
+from .formats import load_conversations
+from .render import choose_format
 
 
 class ByteTokenizer:
@@ -76,51 +78,18 @@ def synthetic_records(stage: str, n: int, cutoff: int, vocab: int, seed: int, fu
     return out
 
 
-def _text_record(stage: str, rec: dict, tok, where: str) -> dict:
-    """A jsonl record (alpaca / sharegpt / prompt-chosen-rejected) → token lists."""
-    def need(key: str) -> str:
-        if not isinstance(rec.get(key), str):
-            raise DataError(f"{where}: field {key!r} missing or not a string")
-        return rec[key]
-
-    if stage == "dpo":
-        return {"prompt": tok.encode(need("prompt")), "chosen": tok.encode(need("chosen")), "rejected": tok.encode(need("rejected"))}
-    if "conversations" in rec:
-        turns = rec["conversations"]
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) and "value" in t for t in turns):
-            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns")
-        last = max((i for i, t in enumerate(turns) if t.get("from") in ("gpt", "assistant")), default=None)
-        if last is None:
-            raise DataError(f"{where}: no 'gpt' turn to learn from in 'conversations'")
-        prompt = "".join(f"{t.get('from', 'human')}: {t['value']}\n" for t in turns[:last]) + "gpt: "
-        return {"prompt": tok.encode(prompt), "response": tok.encode(turns[last]["value"])}
-    inp = rec.get("input") or ""
-    prompt = need("instruction") + ("\n" + inp if inp else "") + "\n"
-    return {"prompt": tok.encode(prompt), "response": tok.encode(need("output"))}
+def read_records(cfg: TrainConfig, tok) -> list[dict]:
+    """Token records of the config's datasets (runtime/formats.py reads them, runtime/render.py renders them)."""
+    fmt = choose_format(cfg.template, tok)
+    convs = load_conversations(cfg.dataset, cfg.dataset_dir, cfg.stage)[: cfg.max_samples]
+    return [fmt.pair(c) if cfg.stage == "dpo" else fmt.sft(c) for c in convs]
 
 
-def read_jsonl(path: str, stage: str, tok) -> list[dict]:
-    """Records of a .jsonl file; a malformed line is one error with its line number."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"dataset {path!r} is neither 'synthetic', 'synthetic-full' nor an existing .jsonl file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-    records = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object")
-        records.append(_text_record(stage, rec, tok, f"{path}:{i}"))
-    return records
+def record_ids(rec: dict) -> list[int]:
+    """Every token id of a record (SFT turns or DPO prompt/chosen/rejected)."""
+    if "turns" in rec:
+        return [t for p, r in rec["turns"] for t in p + r]
+    return [t for v in rec.values() for t in v]
 
 
 def build_schedule(cfg: TrainConfig, dp: int, tokenizer, vocab: int) -> StepSchedule:
@@ -131,10 +100,10 @@ def build_schedule(cfg: TrainConfig, dp: int, tokenizer, vocab: int) -> StepSche
         records = synthetic_records(cfg.stage, cfg.max_samples or 64, cfg.cutoff_len, vocab, cfg.seed,
                                     full=cfg.dataset == "synthetic-full")
     else:
-        records = read_jsonl(cfg.dataset, cfg.stage, tokenizer)[: cfg.max_samples]
+        records = read_records(cfg, tokenizer)
         if not records:
-            raise DataError(f"dataset {cfg.dataset} has no records; give a .jsonl with at least one")
-    if max((max(v) for r in records for v in r.values() if v), default=0) >= vocab:
+            raise DataError(f"dataset {cfg.dataset} has no records; give one with at least one example")
+    if max((max(record_ids(r), default=0) for r in records), default=0) >= vocab:
         raise ConfigError(f"dataset token ids exceed the model's vocabulary ({vocab})")
     units = build_units(cfg.stage, records, cfg.cutoff_len, cfg.packing, tokenizer.eos_id)
     if not any(u.supervised() for u in units):  # every response cut away: the run would train on nothing

@@ -45,7 +45,8 @@ def test_checkpoint_tokenizer_is_used_when_shipped(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from runtime.records import CheckpointTokenizer, load_tokenizer, read_jsonl
+    from runtime.config import from_dict
+    from runtime.records import CheckpointTokenizer, load_tokenizer, read_records
 
     words = ["<pad>", "</s>", "<unk>", "say", "hello", "world"]
     wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -54,4 +55,5 @@ def test_checkpoint_tokenizer_is_used_when_shipped(tmp_path):
     tok = load_tokenizer(str(tmp_path))
     assert isinstance(tok, CheckpointTokenizer) and (tok.pad_id, tok.eos_id) == (0, 1)
     (tmp_path / "d.jsonl").write_text('{"instruction": "say hello", "output": "hello world"}\n')
-    assert read_jsonl(str(tmp_path / "d.jsonl"), "sft", tok) == [{"prompt": [3, 4], "response": [4, 5]}]
+    cfg = from_dict({"model_name_or_path": str(tmp_path), "dataset": str(tmp_path / "d.jsonl")})
+    assert read_records(cfg, tok) == [{"turns": [[[3, 4], [4, 5]]]}]

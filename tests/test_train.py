@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from runtime.config import ConfigError, from_dict
 from runtime.data import DataError, StepSchedule, build_units, collate
+from runtime.formats import read_examples
 from runtime.losses import IGNORE, token_logprobs
-from runtime.records import ByteTokenizer, read_jsonl
+from runtime.records import ByteTokenizer
 from runtime.train import Trainer
 
 BASE = dict(dtype="float64", cutoff_len=40, max_samples=8, max_steps=1, device="cpu", learning_rate=1e-3)
@@ -89,7 +90,7 @@ def test_tiled_logprobs_equal_untiled():
 
 
 @pytest.mark.parametrize("values,msg", [
-    ({"sequence_paralel_size": 2}, "did you mean 'sequence_parallel_size'"),
+    ({"sequence_paralel_size": 2}, "unknown keys sequence_paralel_size"),
     ({"sequence_parallel_mode": "spiral"}, "sequence_parallel_mode 'spiral' is unknown"),
     ({"sequence_parallel_size": 8, "cutoff_len": 4}, r"cutoff_len\(4\) must be"),
     ({"stage": "ppo"}, "stage 'ppo' is unknown"),
@@ -103,7 +104,7 @@ def test_bad_data_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", oops}\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
-        read_jsonl(str(p), "sft", ByteTokenizer())
+        read_examples(p)
     with pytest.raises(DataError, match="empty"):
         build_units("sft", [], 8, False, 2)
 
@@ -114,7 +115,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("yaml_text,msg", [
     ("stage: sft\nsequence_parallel_mode: ulysses\nsequence_parallel_size: 3\n", "use method 'hybrid'"),
-    ("stage: sft\ndataset: missing.jsonl\n", "neither 'synthetic', 'synthetic-full' nor an existing .jsonl"),
+    ("stage: sft\ndataset: missing.jsonl\n", "dataset 'missing.jsonl' is not an existing file"),
     ("stage: [\n", "not valid YAML"),
     ("stage: sft\nsequence_parallel_size: 2\n", "sp(2) does not divide world(3)"),
     ("stage: sft\ndataset: EMPTY\n", "has no records"),

@@ -1,4 +1,5 @@
-"""`spbench train CONFIG.yaml [--nproc N]`: an SFT/DPO run with metrics.jsonl, config.json, provenance.json.
+"""`spbench train CONFIG.yaml [key=value ...] [--nproc N]`: an SFT/DPO run with metrics.jsonl, config.json,
+provenance.json. LLaMA-Factory configs run as they are (runtime/lf.py says what happens to each of its keys).
 
 Spawns N local ranks (gloo on CPU, NCCL with one GPU per rank), or, under torchrun
 (RANK/WORLD_SIZE set by it), runs as one of torchrun's ranks.
@@ -8,28 +9,34 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import yaml
 
 from runtime.config import config_fields, load_config
+from runtime.records import load_tokenizer
+from runtime.render import format_note
 from runtime.train import device_type, preflight
 
 from ..common.backend import BACKENDS, choose_backend
-from ..common.errors import need_positive
+from ..common.errors import UsageError, need_positive
 from ..common.jobs import train_on_rank
 from ..common.pool import RankInfo, RankPool
 from ..common.results import append_jsonl, provenance, writable_folder, write_json_atomic
 
 EPILOG = """examples:
   spbench train examples/sft_tiny.yaml --nproc 4
+  spbench train lf_config.yaml model_name_or_path=tiny max_steps=10   # overrides, as llamafactory-cli takes them
   torchrun --nnodes 2 --nproc-per-node 8 -m spbench train run.yaml
 config keys:
 """ + "\n".join(f"  {k:<30} {doc}" for k, doc in config_fields().items())
 
 
 def add_arguments(p) -> None:
-    p.add_argument("config", help="YAML config (keys below; LLaMA-Factory names)")
+    p.add_argument("config", help="YAML config (keys below; LLaMA-Factory configs work too)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (values read as YAML)")
     p.add_argument("--nproc", type=int, default=None, help="local ranks to spawn (default: sequence_parallel_size)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: gloo on CPU, NCCL with a GPU per rank, else gloo-cuda (ranks share GPUs)")
@@ -55,11 +62,29 @@ class MetricsLog:
             print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """["key=value", ...] → {key: value}, each value read as YAML (so 5e-6 is a number and true a bool)."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"override {item!r} is not key=value (e.g. max_steps=10)")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise UsageError(f"override {item!r}: the value is not valid YAML") from None
+    return out
+
+
 def run(args) -> int:
     need_positive(nproc=args.nproc, timeout=args.timeout)
-    cfg = load_config(args.config)
+    notes: list[str] = []
+    cfg = load_config(args.config, parse_overrides(args.overrides), notes)
     if "RANK" not in os.environ:
         preflight(cfg, args.nproc or cfg.sequence_parallel_size)
+        notes.append(format_note(cfg.template, load_tokenizer(cfg.model_name_or_path)))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     out = writable_folder(cfg.output_dir, "output_dir")
     for stale in ("metrics.jsonl", "provenance.json"):  # provenance is written last: present means complete
         (out / stale).unlink(missing_ok=True)
@@ -69,7 +94,7 @@ def run(args) -> int:
     nproc = args.nproc or cfg.sequence_parallel_size
     backend = choose_backend(args.backend, nproc, device_type(cfg))
     t0 = time.perf_counter()
-    with RankPool(nproc, backend=backend, timeout=args.timeout) as pool:
+    with RankPool(nproc, backend=backend, timeout=args.timeout, collective_timeout=cfg.ddp_timeout) as pool:
         pool.run(train_on_rank, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps))
     print(file=sys.stderr)
     write_json_atomic(out / "provenance.json", provenance(" ".join(["spbench", *sys.argv[1:]]), backend, nproc, cfg.seed,
@@ -84,7 +109,7 @@ def _torchrun(cfg, out: Path, args) -> int:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.ddp_timeout))
     info = RankInfo(dist.get_rank(), dist.get_world_size(), backend, "cuda" if backend == "nccl" else "cpu")
     t0 = time.perf_counter()
     train_on_rank(info, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps))

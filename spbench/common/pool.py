@@ -66,7 +66,8 @@ def die_with_parent(parent: int, period: float = 0.5) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threads: int, parent: int) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threads: int, parent: int,
+            collective_timeout: float) -> None:
     import torch.distributed as dist
 
     die_with_parent(parent)
@@ -81,7 +82,7 @@ def _worker(rank: int, world: int, port: int, backend: str, inbox, outbox, threa
         device = f"cuda:{local}"
     pg_backend = "nccl" if backend == "nccl" else "gloo"
     dist.init_process_group(pg_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
+                            timeout=timedelta(seconds=collective_timeout))
     info = RankInfo(rank, world, backend, device)
     outbox.put((rank, True, "ready"))
     while True:
@@ -100,10 +101,11 @@ class RankPool:
     """`world` local ranks that run jobs until closed (use as a context manager)."""
 
     def __init__(self, world: int, backend: str = "gloo", timeout: float = 300.0, threads: int | None = None,
-                 startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0, collective_timeout: float = 300.0):
         if world < 1 or not timeout > 0 or not startup_timeout > 0:
             raise UsageError(f"a rank pool needs world >= 1 and timeouts > 0 s, got world {world}, timeout {timeout:g} s")
         self.world, self.backend, self.timeout, self.startup_timeout = world, backend, timeout, startup_timeout
+        self.collective_timeout = collective_timeout  # how long a collective waits for the other ranks
         self.threads = threads or max(1, (os.cpu_count() or 1) // world)
         self._procs: list = []
 
@@ -114,7 +116,8 @@ class RankPool:
         self._inboxes = [ctx.Queue() for _ in range(self.world)]
         self._procs = [
             ctx.Process(target=_worker, daemon=True,
-                        args=(r, self.world, port, self.backend, self._inboxes[r], self._outbox, self.threads, os.getpid()))
+                        args=(r, self.world, port, self.backend, self._inboxes[r], self._outbox, self.threads, os.getpid(),
+                                  self.collective_timeout))
             for r in range(self.world)
         ]
         for p in self._procs:
