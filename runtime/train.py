@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -24,27 +22,15 @@ from .attention.kernels import select_kernel
 from .comm import CommCounter, all_reduce_, sum_shards
 from .config import DTYPES, ConfigError, TrainConfig
 from .data import LocalBatch, MicroBatch, StepSchedule, shard_batch
+from .lora import adapters_disabled, apply_lora, check_lora, trainable_parameters
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
 from .models import build_model, check_attention_reachable, check_weights, head_counts, model_config, placed
+from .optim import build_optimizer, clip_gradients, init_deepspeed
 from .records import build_schedule, load_tokenizer
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-
-
-def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at scheduler step s: linear warmup, then constant/linear/cosine."""
-    def f(s: int) -> float:
-        if s < cfg.warmup_steps:
-            return (s + 1) / cfg.warmup_steps
-        frac = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        if cfg.lr_scheduler_type == "linear":
-            return max(0.0, 1 - frac)
-        if cfg.lr_scheduler_type == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-    return f
 
 
 def device_type(cfg: TrainConfig) -> str:
@@ -67,6 +53,7 @@ def preflight(cfg: TrainConfig, world: int) -> None:
         raise ConfigError("device: cuda, but torch sees no CUDA GPU here; use device: auto or cpu")
     rank_grid(world, cfg.sequence_parallel_size, ulysses_for(cfg))
     select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
+    check_lora(cfg, model_config(cfg.model_name_or_path))
     build_schedule(cfg, world // cfg.sequence_parallel_size, load_tokenizer(cfg.model_name_or_path),
                    model_config(cfg.model_name_or_path).vocab_size)
 
@@ -74,11 +61,6 @@ def preflight(cfg: TrainConfig, world: int) -> None:
 def context_for(cfg: TrainConfig) -> ParallelContext:
     """Build the process groups `cfg` needs (collective: every rank calls it)."""
     return build_parallel_context(cfg.sequence_parallel_size, ulysses_for(cfg))
-
-
-def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
-    """Clip the (already reduced) gradients to `max_norm` (0: no clipping); returns their norm before clipping."""
-    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
 
 
 class TokenLogProbs(torch.nn.Module):
@@ -116,10 +98,14 @@ class Trainer:
 
     `pc` is this rank's ParallelContext (None: single process). The harness drives the
     trainer in-process: `train(on_step=...)` returns the per-step metrics, and with
-    `capture_grads=True` the reduced step-0 gradients are kept in `step0_grads`.
+    `capture_grads=True` the reduced gradients of the trainable parameters at step `grad_step` are kept in
+    `captured_grads` (step 0; LoRA: step 1, as its B starts at 0 and A's step-0 gradients are 0 on any layout).
+    LoRA DPO takes its reference log-probs from the policy with adapters disabled; `separate_reference=True`
+    builds a second, adapter-free model for them instead (the parity harness's independent SP-off path).
     """
 
-    def __init__(self, cfg: TrainConfig, pc: ParallelContext | None = None, schedule: StepSchedule | None = None):
+    def __init__(self, cfg: TrainConfig, pc: ParallelContext | None = None, schedule: StepSchedule | None = None,
+                 separate_reference: bool = False):
         self.cfg = cfg
         self.pc = pc or single_process_context()
         sp = cfg.sequence_parallel_size
@@ -138,8 +124,10 @@ class Trainer:
         attn_impl = register_sp_attention() if cfg.uses_sp_attention else "sdpa"
         with torch.device(self.device):  # weights made where they live: no host copy of a 7B model per rank
             self.model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed), self.device)
+            self.peft = apply_lora(self.model, cfg) if cfg.finetuning_type == "lora" else None  # in place
             self.ref_model = None
-            if cfg.stage == "dpo" and cfg.pref_loss != "simpo":  # simpo is reference-free
+            self.uses_reference = cfg.stage == "dpo" and cfg.pref_loss != "simpo"  # simpo is reference-free
+            if self.uses_reference and (self.peft is None or separate_reference):
                 self.ref_model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed),
                                         self.device)
                 self.ref_model.eval().requires_grad_(False)
@@ -161,30 +149,14 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
         self.schedule = schedule or build_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
         self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
-        # foreach: the CUDA default, made explicit so CPU runs and CPU traces use the same update
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           foreach=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.max_steps))
-        self.engine = self._deepspeed() if cfg.deepspeed else None
-        self.step0_grads: dict[str, torch.Tensor] | None = None
-
-    # ---- set-up ---------------------------------------------------------------------------------
-    def _deepspeed(self):
-        import deepspeed
-
-        cfg = self.cfg
-        with open(cfg.deepspeed) as f:
-            ds = json.load(f)
-        world = self.pc.grid.world
-        ds.update(train_micro_batch_size_per_gpu=cfg.per_device_train_batch_size,
-                  gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                  train_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
-                  gradient_clipping=cfg.max_grad_norm)
-        ds.pop("optimizer", None)  # the trainer's AdamW and schedule are the single source of truth
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": self.dtype == torch.bfloat16}  # "auto" → the run's dtype
-        engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.policy, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds)
-        return engine
+        self.trainable = trainable_parameters(self.model)  # all (full) or the adapters (lora)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.trainable, self.max_steps)
+        self.engine = None
+        if cfg.deepspeed:
+            self.engine, self.optimizer, self.scheduler = init_deepspeed(cfg, self.policy, self.optimizer, self.scheduler,
+                                                                         self.pc.grid.world, self.dtype)
+        self.captured_grads: dict[str, torch.Tensor] | None = None
+        self.grad_step = 1 if self.peft is not None and self.max_steps > 1 else 0
 
     # ---- one micro-batch --------------------------------------------------------------------------
     def _plan(self, seq_len: int):
@@ -210,9 +182,12 @@ class Trainer:
             stats["loss"] += loss.detach() * denom  # report the objective actually back-propagated
             return loss
         ref = None
-        if self.ref_model is not None:  # first, as DPO trainers precompute it: no policy activations alive yet
-            with torch.no_grad():
-                ref, _ = self._sequence_sums(self._logprobs(self.ref_model, lb), lb, n_slots)
+        if self.uses_reference:  # first, as DPO trainers precompute it: no policy activations alive yet
+            # LoRA: the policy itself with adapters disabled (no second model); full: the frozen copy
+            frozen = adapters_disabled(self.peft) if self.ref_model is None else contextlib.nullcontext()
+            with torch.no_grad(), frozen:
+                model = self.ref_model or self.engine or self.policy
+                ref, _ = self._sequence_sums(self._logprobs(model, lb), lb, n_slots)
         pi, lens = self._sequence_sums(self._logprobs(self.engine or self.policy, lb), lb, n_slots)
         ref = torch.zeros_like(pi) if ref is None else ref
         c, r = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
@@ -231,11 +206,10 @@ class Trainer:
         """Sum gradients over every rank, in place, one parameter at a time."""
         if self.pc.world_group is None or self.pc.grid.world == 1:
             return
-        for p in self.model.parameters():
-            if p.requires_grad:
-                if p.grad is None:  # a rank whose shard never used p still joins the collective
-                    p.grad = torch.zeros_like(p)
-                all_reduce_(p.grad, self.pc.world_group)
+        for p in self.trainable:
+            if p.grad is None:  # a rank whose shard never used p still joins the collective
+                p.grad = torch.zeros_like(p)
+            all_reduce_(p.grad, self.pc.world_group)
 
     def step(self, step: int, capture_grads: bool = False, micro_batches: list[MicroBatch] | None = None,
              read_back: bool = True) -> dict:
@@ -267,8 +241,9 @@ class Trainer:
         if self.engine is None:
             self._reduce_grads()
             if capture_grads:
-                self.step0_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
-            grad_norm = clip_gradients(self.model.parameters(), cfg.max_grad_norm)
+                self.captured_grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()
+                                       if p.requires_grad}
+            grad_norm = clip_gradients(self.trainable, cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -289,7 +264,7 @@ class Trainer:
         """All steps; `on_step(metrics)` after each. Returns the metrics list."""
         history = []
         for s in range(self.max_steps):
-            m = self.step(s, capture_grads=capture_grads and s == 0)
+            m = self.step(s, capture_grads=capture_grads and s == self.grad_step)
             history.append(m)
             if on_step is not None:
                 on_step(m)

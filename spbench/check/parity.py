@@ -3,8 +3,11 @@
 Each case (check/cases.py) trains the same global batch twice: the reference in this process (SP=1, DP=1,
 grad-accum = dp × ga, transformers' own SDPA attention unless packing), and the SP run on a pool of local
 ranks (one pool per world size, reused across cases). It compares the per-step loss and grad-norm curves,
-step-0 per-parameter gradients (not under ZeRO, where they are partitioned) and, for DPO, rewards and
-log-probs, each against its tolerance (check/tolerances.py).
+per-parameter gradients of the trainable parameters at step 0 (LoRA: step 1, when A's are non-zero; not under
+ZeRO, where they are partitioned) and, for DPO, rewards and log-probs, each against its tolerance
+(check/tolerances.py). LoRA DPO's reference log-probs come from a second, adapter-free model in the reference
+run and from the policy with adapters disabled in the SP run, so the SP run's `disable_adapter` path is checked
+against an independent one.
 """
 from __future__ import annotations
 
@@ -67,10 +70,14 @@ def judge_case(case: Case, ref: dict, sp: dict) -> dict:
             failures.append(f"grad_norm step {i}: rel err {ge:.3g} > {gn_tol:.0e}")
     worst_param, param_err = None, None
     if ref.get("grads") and sp.get("grads"):
-        param_err, worst_param = max(((sp["grads"][n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30), n)
-                                     for n, g in ref["grads"].items())
+        if set(sp["grads"]) != set(ref["grads"]) or sp.get("grad_step", 0) != ref.get("grad_step", 0):
+            failures.append(f"SP run captured {len(sp['grads'])} gradients at step {sp.get('grad_step', 0)}, the "
+                            f"reference {len(ref['grads'])} at step {ref.get('grad_step', 0)}")
+        errs = [((sp["grads"][n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30), n)
+                for n, g in ref["grads"].items() if n in sp["grads"]]
+        param_err, worst_param = max(errs, default=(float("inf"), None))
         if not param_err <= tol["grad"]:
-            failures.append(f"step-0 grad of {worst_param}: rel err {param_err:.3g} > {tol['grad']:.0e}")
+            failures.append(f"step-{ref.get('grad_step', 0)} grad of {worst_param}: rel err {param_err:.3g} > {tol['grad']:.0e}")
     failures += sp_engaged_failures(case, sp)
     dpo_err = None
     if case.stage == "dpo":
@@ -112,9 +119,10 @@ def error_result(case: Case, message: str) -> dict:
 
 
 def run_reference(case: Case, device: str = "cpu") -> dict:
-    trainer = Trainer(case.train_config(sp_on=False, device=device))
+    trainer = Trainer(case.train_config(sp_on=False, device=device), separate_reference=True)
     metrics = trainer.train(capture_grads=True)
-    return {"metrics": metrics, "grads": {k: v.double() for k, v in trainer.step0_grads.items()}}
+    return {"metrics": metrics, "grads": {k: v.double() for k, v in trainer.captured_grads.items()},
+            "grad_step": trainer.grad_step}
 
 
 def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, log=print,

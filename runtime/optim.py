@@ -1,0 +1,60 @@
+"""The trainer's optimizer side: AdamW over the trainable parameters, the lr schedule, clipping, DeepSpeed set-up.
+
+One optimizer for every setup: the trainer's torch AdamW and LambdaLR schedule; under DeepSpeed they are handed
+to `deepspeed.initialize` (its own "optimizer" entry is dropped), so ZeRO runs the same update.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable
+
+import torch
+
+from .config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at scheduler step s: linear warmup, then constant/linear/cosine."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        frac = (s - warmup) / max(1, total - warmup)
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1 - frac)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+    return f
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the (already reduced) gradients to `max_norm` (0: no clipping); returns their norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], total_steps: int):
+    """(AdamW over `params` — the trainable ones only —, its LambdaLR schedule over `total_steps`)."""
+    # foreach: the CUDA default, made explicit so CPU runs and CPU traces use the same update
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+def init_deepspeed(cfg: TrainConfig, module: torch.nn.Module, optimizer, scheduler, world: int, dtype: torch.dtype):
+    """(engine, optimizer, scheduler) of `deepspeed.initialize` around `module` with the trainer's AdamW and
+    schedule; batch sizes, clipping and bf16 come from `cfg`, whatever the JSON file says."""
+    import deepspeed
+
+    with open(cfg.deepspeed) as f:
+        ds = json.load(f)
+    ds.update(train_micro_batch_size_per_gpu=cfg.per_device_train_batch_size,
+              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+              train_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+              gradient_clipping=cfg.max_grad_norm)
+    ds.pop("optimizer", None)  # the trainer's AdamW and schedule are the single source of truth
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}  # "auto" → the run's dtype
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds)
+    return engine, optimizer, scheduler
