@@ -23,7 +23,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 SCHEDULERS = ("constant", "linear", "cosine")
 ATTENTION = ("auto", "runtime", "sdpa")
 FINETUNING = ("full", "lora")
-FINETUNING = ("full", "lora")
 _MEMORY = MemoryFeatures()  # the one set of memory-feature defaults (runtime/memory.py)
 
 
@@ -70,11 +69,6 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
     output_dir: str = field(default="out/run", metadata={"doc": "metrics.jsonl, config.json, provenance.json go here"})
     device: str = field(default="auto", metadata={"doc": "auto (cuda when available) | cpu | cuda"})
-    finetuning_type: str = field(default="full", metadata={"doc": "full (every weight trains) | lora (peft adapters; the base stays frozen; dpo's reference is the model with adapters disabled) | freeze is not implemented"})
-    lora_rank: int = field(default=8, metadata={"doc": "lora: rank r of each adapter"})
-    lora_alpha: int | None = field(default=None, metadata={"doc": "lora: scale α (the update is α/r · B A); null = 2 × lora_rank"})
-    lora_dropout: float = field(default=0.0, metadata={"doc": "lora: dropout on each adapter's input (0 in parity cases: dropout draws differ by layout)"})
-    lora_target: str = field(default="all", metadata={"doc": "lora: all (every nn.Linear of the decoder layers; not lm_head or embeddings) | comma-separated module names, e.g. q_proj,v_proj"})
     ddp_timeout: int = field(default=1800, metadata={"doc": "seconds a collective waits for the other ranks before the run fails"})
     finetuning_type: str = field(default="full", metadata={"doc": "full (every weight trains) | lora (peft adapters; the base stays frozen; dpo's reference is the model with adapters disabled) | freeze is not implemented"})
     lora_rank: int = field(default=8, metadata={"doc": "lora: rank r of each adapter"})
@@ -129,12 +123,6 @@ class TrainConfig:
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0 or null (2 × lora_rank), got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(bool(self.lora_target_names), f"lora_target {self.lora_target!r} names no module; use all or e.g. q_proj,v_proj")
-        need(self.finetuning_type != "freeze", "finetuning_type freeze is not implemented; use full or lora")
-        need(self.finetuning_type in FINETUNING, f"finetuning_type {self.finetuning_type!r} is unknown; use full or lora")
-        need(self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank}")
-        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0 or null (2 × lora_rank), got {self.lora_alpha}")
-        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        need(bool(self.lora_target_names), f"lora_target {self.lora_target!r} names no module; use all or e.g. q_proj,v_proj")
         need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
         if self.deepspeed is not None:
             try:
@@ -149,11 +137,6 @@ class TrainConfig:
         return MemoryFeatures(tiled_loss_chunk=self.tiled_loss_chunk, tiled_mlp_chunks=self.tiled_mlp_chunks,
                               checkpoint_offload=self.checkpoint_offload,
                               gradient_checkpointing=self.gradient_checkpointing)
-
-    @property
-    def lora_target_names(self) -> tuple[str, ...]:
-        """lora_target as module names (("all",) for all); checked against the model at preflight."""
-        return tuple(n.strip() for n in self.lora_target.split(",") if n.strip())
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
