@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import yaml
 
 from .attention import METHODS
 from .attention.kernels import KERNELS
+from .dsconfig import read_deepspeed_json
 from .errors import InputError
 from .lf import translate
 from .losses import PREF_LOSSES
@@ -123,13 +123,8 @@ class TrainConfig:
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0 or null (2 × lora_rank), got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(bool(self.lora_target_names), f"lora_target {self.lora_target!r} names no module; use all or e.g. q_proj,v_proj")
-        need(self.deepspeed is None or Path(self.deepspeed).is_file(), f"deepspeed config {self.deepspeed!r} does not exist")
         if self.deepspeed is not None:
-            try:
-                need(isinstance(json.loads(Path(self.deepspeed).read_text(encoding="utf-8")), dict),
-                     f"deepspeed config {self.deepspeed!r} must hold a JSON object")
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ConfigError(f"deepspeed config {self.deepspeed!r} is not valid JSON ({e})") from None
+            read_deepspeed_json(self.deepspeed)  # exists and holds a JSON object (its contents: at preflight)
 
     @property
     def memory_features(self) -> MemoryFeatures:

@@ -5,13 +5,13 @@ to `deepspeed.initialize` (its own "optimizer" entry is dropped), so ZeRO runs t
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Callable
 
 import torch
 
 from .config import TrainConfig
+from .dsconfig import read_deepspeed_json, resolve_deepspeed
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
@@ -42,19 +42,20 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], total_st
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
-def init_deepspeed(cfg: TrainConfig, module: torch.nn.Module, optimizer, scheduler, world: int, dtype: torch.dtype):
+def deepspeed_json(cfg: TrainConfig, world: int, dtype: torch.dtype, hidden: int) -> dict:
+    """The DeepSpeed config the run uses: the file's, with batch sizes, clipping, bf16 and "auto" values filled in
+    (runtime/dsconfig.py); preflight calls it too, so a file it cannot fill fails before any rank starts."""
+    return resolve_deepspeed(read_deepspeed_json(cfg.deepspeed), micro_batch=cfg.per_device_train_batch_size,
+                             grad_accum=cfg.gradient_accumulation_steps, world=world, max_grad_norm=cfg.max_grad_norm,
+                             bf16=dtype == torch.bfloat16, hidden=hidden, source=cfg.deepspeed)
+
+
+def init_deepspeed(cfg: TrainConfig, module: torch.nn.Module, optimizer, scheduler, world: int, dtype: torch.dtype,
+                   hidden: int):
     """(engine, optimizer, scheduler) of `deepspeed.initialize` around `module` with the trainer's AdamW and
     schedule; batch sizes, clipping and bf16 come from `cfg`, whatever the JSON file says."""
     import deepspeed
 
-    with open(cfg.deepspeed) as f:
-        ds = json.load(f)
-    ds.update(train_micro_batch_size_per_gpu=cfg.per_device_train_batch_size,
-              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-              train_batch_size=cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
-              gradient_clipping=cfg.max_grad_norm)
-    ds.pop("optimizer", None)  # the trainer's AdamW and schedule are the single source of truth
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}  # "auto" → the run's dtype
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds)
+                                                           config=deepspeed_json(cfg, world, dtype, hidden))
     return engine, optimizer, scheduler

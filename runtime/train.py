@@ -26,7 +26,7 @@ from .lora import adapters_disabled, apply_lora, check_lora, trainable_parameter
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
 from .models import build_model, check_attention_reachable, check_weights, head_counts, model_config, placed
-from .optim import build_optimizer, clip_gradients, init_deepspeed
+from .optim import build_optimizer, clip_gradients, deepspeed_json, init_deepspeed
 from .records import build_schedule, load_tokenizer
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
@@ -54,6 +54,8 @@ def preflight(cfg: TrainConfig, world: int) -> None:
     rank_grid(world, cfg.sequence_parallel_size, ulysses_for(cfg))
     select_kernel(cfg.attention_kernel, torch.device(device_type(cfg)), DTYPES[cfg.dtype])
     check_lora(cfg, model_config(cfg.model_name_or_path))
+    if cfg.deepspeed:
+        deepspeed_json(cfg, world, DTYPES[cfg.dtype], model_config(cfg.model_name_or_path).hidden_size)
     build_schedule(cfg, world // cfg.sequence_parallel_size, load_tokenizer(cfg.model_name_or_path),
                    model_config(cfg.model_name_or_path).vocab_size)
 
@@ -154,7 +156,7 @@ class Trainer:
         self.engine = None
         if cfg.deepspeed:
             self.engine, self.optimizer, self.scheduler = init_deepspeed(cfg, self.policy, self.optimizer, self.scheduler,
-                                                                         self.pc.grid.world, self.dtype)
+                                                                         self.pc.grid.world, self.dtype, mcfg.hidden_size)
         self.captured_grads: dict[str, torch.Tensor] | None = None
         self.grad_step = 1 if self.peft is not None and self.max_steps > 1 else 0
 
