@@ -24,13 +24,14 @@ from ..common.results import writable_folder
 from ..common.schemas import MAXLEN_SUITE
 from ..common.suites import read_suite
 from ..memory.maxlen import Target, run_targets
-from ..memory.setup import CUDA_CONTEXT_GIB, SP_METHODS, STAGES, Setup
+from ..memory.setup import CUDA_CONTEXT_GIB, FINETUNING, SP_METHODS, STAGES, Setup
 
 EPILOG = """examples:
   spbench maxlen --model qwen2.5-7b                                   # 8 × 80 GiB, SP 8, ZeRO-3 + offload, estimated
   spbench maxlen --suite maxlen-qwen2.5 --json                        # the seed table, ours vs plain
   spbench maxlen --suite maxlen-qwen2.5 --out reports/maxlen          # publish it
   spbench maxlen --model qwen2.5-7b --no-tiled-loss --no-tiled-mlp    # what plain transformers would reach
+  spbench maxlen --model qwen2.5-7b --finetuning-type full,lora       # LoRA rows next to full fine-tuning
   spbench maxlen --model qwen2.5-0.5b,qwen2.5-7b --gpus 1 --zero 0 --offload none --gpu-mem 139 --stage sft,dpo
   spbench maxlen --model qwen2.5-0.5b --gpus 1 --zero 0 --offload none --out runs/maxlen --resume   # on a GPU
 """
@@ -40,6 +41,10 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="preset(s) or checkpoint dir(s), comma separated (e.g. qwen2.5-7b,qwen2.5-14b)")
     p.add_argument("--suite", help="shipped maxlen suite (maxlen-qwen2.5) or a TOML path; flags given override it")
     p.add_argument("--stage", help="sft, dpo or sft,dpo (default sft)")
+    p.add_argument("--finetuning-type", default="full",
+                   help="full, lora or full,lora (lora: gradients and AdamW states of the adapters only, no DPO "
+                        "reference model; default full)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r on every decoder linear (default 8)")
     p.add_argument("--gpus", type=int, help="GPUs in the job (default 8)")
     p.add_argument("--gpu-mem", type=float, help="GiB per GPU as the driver reports it (default 80)")
     p.add_argument("--sp", help="SP size(s), comma separated (default: --gpus)")
@@ -156,8 +161,15 @@ def build_targets(args) -> tuple[list[Target], int]:
         variants = [(_variant_name(feats), feats)]
     else:
         variants = [(v.get("name"), _variant_features(v, f"suite {args.suite!r}")) for v in suite["variants"]]
-    targets = [Target(name, Setup(m, st, gpus, gpu_mem, sp, zero, frozenset(offload), feats, sp_method))
-               for m in models for st in stages for name, feats in variants for sp in sps]
+    finetuning = _csv(args.finetuning_type)
+    bad = [f for f in finetuning if f not in FINETUNING]
+    if bad or not finetuning:
+        raise UsageError(f"--finetuning-type {','.join(bad) or '(empty)'} unknown; use full, lora or full,lora")
+    if args.lora_rank < 1:
+        raise UsageError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    targets = [Target(name, Setup(m, st, gpus, gpu_mem, sp, zero, frozenset(offload), feats, sp_method,
+                                  finetuning=ft, lora_rank=args.lora_rank))
+               for m in models for st in stages for ft in finetuning for name, feats in variants for sp in sps]
     return targets, resolution
 
 

@@ -35,9 +35,10 @@ class Target:
     def key(self) -> dict:
         """What identifies this target's probes in probes.jsonl (resume matches on it)."""
         s = self.setup
+        lora = {"finetuning": "lora", "lora_rank": s.lora_rank} if s.finetuning == "lora" else {}  # full: keys as before
         return {"model": s.model, "stage": s.stage, "gpus": s.gpus, "gpu_mem_gib": s.gpu_mem_gib, "sp": s.sp,
                 "zero": s.zero, "offload": ",".join(sorted(s.offload)) or "none", "sp_method": s.sp_method,
-                "features": s.features.to_json()}
+                "features": s.features.to_json(), **lora}
 
     def probe_backend(self, gpus_here: int, emulate: bool) -> str | None:
         """How a machine with `gpus_here` GPUs measures this target: "single" (one GPU, no DeepSpeed:
@@ -78,7 +79,8 @@ def _row(target: Target, max_len: int, source: str, peak_gib, **extra) -> dict:
     return {"model": s.model, "stage": s.stage, "variant": target.variant, "gpus": s.gpus,
             "gpu_mem_gib": s.gpu_mem_gib, "sp": s.sp, "zero": s.zero, "offload": ",".join(sorted(s.offload)) or "none",
             "sp_method": s.sp_method, "ulysses": s.ulysses, "ring": s.sp // s.ulysses,
-            "features": s.features.to_json(), "max_len": max_len, "source": source,
+            "features": s.features.to_json(), "finetuning": s.finetuning,
+            **({"lora_rank": s.lora_rank} if s.finetuning == "lora" else {}), "max_len": max_len, "source": source,
             "peak_gib": peak_gib, **extra}
 
 
@@ -91,7 +93,8 @@ def format_table(rows: list[dict]) -> str:
         n = r["max_len"]
         short = f"{n / 2**20:.2f}M" if n >= 2**20 else f"{n // 1024}k"
         peak = f"{r['peak_gib']:.1f}" if isinstance(r["peak_gib"], (int, float)) else "-"
-        body.append([r["model"], r["stage"], r["variant"], f"{r['gpus']}×{r['gpu_mem_gib']:g} GiB", str(r["sp"]),
+        variant = r["variant"] + (f"+lora{r.get('lora_rank', '')}" if r.get("finetuning") == "lora" else "")
+        body.append([r["model"], r["stage"], variant, f"{r['gpus']}×{r['gpu_mem_gib']:g} GiB", str(r["sp"]),
                      strategy_label(r), str(r["zero"]), r["offload"], f"{n:,}", short, r["source"], peak])
     return plain_table(head, body, right={4, 6, 8, 9, 11})
 

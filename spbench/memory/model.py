@@ -1,4 +1,4 @@
-"""Analytic per-GPU peak-memory model of one full-parameter SFT or DPO training step.
+"""Analytic per-GPU peak-memory model of one SFT or DPO training step, full-parameter or LoRA.
 
 The peak is the largest of four phases of a step, each a sum of named terms (bytes per GPU):
 
@@ -11,6 +11,9 @@ Static memory follows the optimizer setup: `zero=0` is no DeepSpeed, torch AdamW
 weights (states in bf16: 2+2+2+2 B/param, every GPU a replica; the measured plain runs);
 `zero=2|3` is DeepSpeed bf16 mixed precision (fp32 master + fp32 m, v: 12 B/param, sharded over
 all GPUs; ZeRO-3 also shards the bf16 weights), `offload` moves optimizer states / weights to CPU.
+With LoRA (`Setup.finetuning`) gradients, optimizer states and step temporaries are
+sized by the adapters' parameters only, and DPO has no reference model (its reference is the policy with adapters
+disabled); activations are as for full training (LoRA's r-wide ones are neglected, see terms.py).
 Activations scale with the tokens one GPU holds, n = rows × ceil(length / sp) (DPO: rows = 2,
 chosen + rejected, `length` per sequence). The terms and their constants are in memory/terms.py, the setup in memory/setup.py.
 

@@ -148,7 +148,7 @@ class SubprocessProbe:
         s = self.case.setup
         single = self.backend == "single"  # one GPU: the runtime's attention (kernel auto), as `ours` trains
         spec = StepSpec(s.model, s.stage, length, s.features, attention="runtime" if single else "auto",
-                        steps=1 if single else 2)
+                        steps=1 if single else 2, finetuning=s.finetuning, lora_rank=s.lora_rank)
         args = [*step_flags(spec), "--gpu-mem-gib", str(s.gpu_mem_gib)]
         if self.backend != "single":
             args += ["--nproc", str(s.gpus), "--sp", str(s.sp), "--method", s.sp_method, "--zero", str(s.zero),

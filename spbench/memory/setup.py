@@ -24,6 +24,7 @@ is 131.6 GiB: every measured success (≤ 119.6 GiB) fits and the 3B SFT 64k OOM
 allocated) does not. Not separately measured."""
 
 STAGES = ("sft", "dpo")
+FINETUNING = ("full", "lora")
 SP_METHODS = ("auto", *METHODS)
 """The runtime's strategies, or auto: ulysses when the runtime can split the model's heads over the SP size,
 else hybrid (ulysses = gcd, ring = the rest: the runtime's own rule)."""
@@ -68,6 +69,22 @@ class Shape:
         head = 0 if self.tied else self.embed_params
         return self.embed_params + head + self.layers * self.layer_params + self.hidden
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of a decoder layer (Qwen2/Llama names), what LoRA may adapt."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def adapter_params(self, rank: int, target: str = "all") -> int:
+        """Parameters LoRA adds: r × (in + out) per adapted linear layer, every decoder layer (peft's count;
+        tests/test_memmodel.py holds it equal on a preset). `target`: all or comma-separated module names."""
+        shapes = self.linear_shapes()
+        names = list(shapes) if target == "all" else [n.strip() for n in target.split(",") if n.strip()]
+        unknown = [n for n in names if n not in shapes]
+        if unknown:
+            raise ValueError(f"lora target {', '.join(unknown)} unknown to the memory model; known: all, {', '.join(shapes)}")
+        return self.layers * sum(rank * sum(shapes[n]) for n in names)
+
 
 def shape_of(model: str) -> Shape:
     """`Shape` of a preset name or local checkpoint dir (raises runtime.models.ModelError if neither)."""
@@ -96,6 +113,10 @@ class Setup:
     first_step: bool = False
     batch: int = 1
     """Sequences (DPO: pairs) per micro-batch, per_device_train_batch_size."""
+    finetuning: str = "full"
+    """full | lora: with lora only the adapters have gradients and optimizer states, and DPO has no second model."""
+    lora_rank: int = 8
+    lora_target: str = "all"
     ulysses: int = field(init=False, default=1)
     """The Ulysses degree the runtime resolves for sp_method (ring degree = sp / ulysses)."""
 
@@ -103,6 +124,8 @@ class Setup:
         object.__setattr__(self, "offload", frozenset(self.offload))
         if self.stage not in STAGES:
             raise ValueError(f"stage {self.stage!r} unknown; choose from {', '.join(STAGES)}")
+        if self.finetuning not in FINETUNING or self.lora_rank < 1:
+            raise ValueError(f"finetuning {self.finetuning!r} (rank {self.lora_rank}): use full or lora, rank >= 1")
         if self.gpus < 1 or self.sp < 1 or self.gpus % self.sp:
             raise ValueError(f"sp={self.sp} must be >= 1 and divide gpus={self.gpus}")
         check_offload(self.zero, tuple(sorted(self.offload)))
@@ -115,6 +138,10 @@ class Setup:
         object.__setattr__(self, "ulysses", resolve_ulysses(self.sp_method, self.sp, m.heads, m.kv_heads))
         if self.gpu_mem_gib <= CUDA_CONTEXT_GIB:
             raise ValueError(f"gpu_mem_gib={self.gpu_mem_gib} too small (must exceed {CUDA_CONTEXT_GIB})")
+
+    def trained_params(self, m: Shape) -> int:
+        """Parameters with gradients and optimizer states: all (full) or the LoRA adapters'."""
+        return m.params if self.finetuning == "full" else m.adapter_params(self.lora_rank, self.lora_target)
 
     @property
     def rows(self) -> int:
@@ -131,7 +158,8 @@ class Setup:
         method = cfg.sequence_parallel_mode
         zero, offload = read_deepspeed(cfg.deepspeed) if cfg.deepspeed else (0, ())
         return cls(cfg.model_name_or_path, cfg.stage, gpus, gpu_mem_gib, cfg.sequence_parallel_size, zero,
-                   frozenset(offload), cfg.memory_features, method, batch=cfg.per_device_train_batch_size)
+                   frozenset(offload), cfg.memory_features, method, batch=cfg.per_device_train_batch_size,
+                   finetuning=cfg.finetuning_type, lora_rank=cfg.lora_rank, lora_target=cfg.lora_target)
 
 
 def tokens_per_gpu(setup: Setup, length: int) -> int:

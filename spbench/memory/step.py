@@ -36,6 +36,8 @@ class StepSpec:
     method: str = "ulysses"
     deepspeed: str | None = None
     seed: int = 0
+    finetuning: str = "full"
+    lora_rank: int = 8
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION:
@@ -56,7 +58,8 @@ class StepSpec:
                 "max_steps": self.steps, "learning_rate": 1e-6, "seed": self.seed,
                 "gradient_checkpointing": f.gradient_checkpointing, "tiled_loss_chunk": f.tiled_loss_chunk,
                 "tiled_mlp_chunks": f.tiled_mlp_chunks, "checkpoint_offload": f.checkpoint_offload,
-                "deepspeed": self.deepspeed, "output_dir": out_dir, "device": self.device}
+                "deepspeed": self.deepspeed, "output_dir": out_dir, "device": self.device,
+                "finetuning_type": self.finetuning, "lora_rank": self.lora_rank}
 
 
 def prime_optimizer(trainer) -> None:
@@ -81,6 +84,7 @@ def step_flags(spec: StepSpec) -> list[str]:
     if f.checkpoint_offload:
         flags.append("--checkpoint-offload")
     flags.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
+    flags += ["--finetuning-type", spec.finetuning, "--lora-rank", str(spec.lora_rank)] if spec.finetuning == "lora" else []
     return [*flags, "--attention", spec.attention, "--steps", str(spec.steps)]
 
 
@@ -115,9 +119,12 @@ def add_step_args(p: argparse.ArgumentParser, steps: int = 1) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--method", choices=METHODS, default="ulysses", help="SP strategy (default ulysses)")
+    p.add_argument("--finetuning-type", choices=["full", "lora"], default="full", help="full or lora (peft adapters)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
 
 
 def spec_from_args(args, nproc: int = 1, sp: int = 1, deepspeed: str | None = None) -> StepSpec:
     """The StepSpec the step flags describe (nproc, sp and the DeepSpeed file come from the caller)."""
     return StepSpec(args.model, args.stage, args.length, features_from_args(args), args.attention, args.steps,
-                    args.dtype, "cpu" if args.device == "cpu" else "cuda", nproc, sp, args.method, deepspeed, args.seed)
+                    args.dtype, "cpu" if args.device == "cpu" else "cuda", nproc, sp, args.method, deepspeed, args.seed,
+                    args.finetuning_type, args.lora_rank)

@@ -40,18 +40,35 @@ ZERO3_LIVE_MODULES = 2
 CKPT_OFFLOAD_RESIDENT_LAYERS = 2
 """With checkpoint offload, checkpointed hidden states on the GPU: the one in use and one in transfer."""
 
+# LoRA's own activations are neglected: per adapted linear and token, lora_B saves its r-wide input A·x (2r B; x is
+# the base layer's saved input already), so r = 8 on all 7 linears adds 7 × 2 × 8 = 112 B per token and layer,
+# inside a checkpointed layer's recompute only: < 0.3% of a 7B layer's backward peak (≈ 49 kB/token, h = 3584).
+# Frozen base weights have no gradients and no optimizer states; the adapters' are sized like full training's
+# (Setup.trained_params), in the same dtypes.
+
+
+def _trained(s: Setup, m: Shape) -> int:
+    """Parameters with gradients and AdamW states (all, or the LoRA adapters)."""
+    return s.trained_params(m)
+
+
+def _weights(s: Setup, m: Shape) -> int:
+    """Parameters held as weights: the model's, plus the adapters with LoRA."""
+    return m.params + (0 if s.finetuning == "full" else _trained(s, m))
+
 
 # ----------------------------------------------------------------------------------- static terms (bytes)
 def param_bytes(s: Setup, m: Shape) -> float:
     """bf16 weights of the policy resident on this GPU: full (zero 0/2), 1/gpus (zero 3), 0 (param offload)."""
     if "param" in s.offload:
         return 0.0
-    return 2.0 * m.params / (s.gpus if s.zero == 3 else 1)
+    return 2.0 * _weights(s, m) / (s.gpus if s.zero == 3 else 1)
 
 
 def reference_param_bytes(s: Setup, m: Shape) -> float:
-    """DPO: the frozen reference model's bf16 weights, placed like the policy's (no optimizer, no grads)."""
-    return param_bytes(s, m) if s.stage == "dpo" else 0.0
+    """DPO: the frozen reference model's bf16 weights, placed like the policy's (no optimizer, no grads); none
+    with LoRA, whose reference is the policy with adapters disabled."""
+    return param_bytes(s, m) if s.stage == "dpo" and s.finetuning == "full" else 0.0
 
 
 def gathered_param_bytes(s: Setup, m: Shape) -> float:
@@ -64,25 +81,25 @@ def gathered_param_bytes(s: Setup, m: Shape) -> float:
 def optimizer_bytes(s: Setup, m: Shape) -> float:
     """AdamW states on this GPU: bf16 m, v (zero 0: 4 B/param); fp32 master + m + v (12 B/param / gpus)."""
     if s.zero == 0:
-        return 4.0 * m.params
-    return 0.0 if "optimizer" in s.offload else 12.0 * m.params / s.gpus
+        return 4.0 * _trained(s, m)
+    return 0.0 if "optimizer" in s.offload else 12.0 * _trained(s, m) / s.gpus
 
 
 def grad_bytes(s: Setup, m: Shape) -> float:
     """Gradients held on this GPU once backward has produced them: full bf16 (zero 0), else this rank's
     bf16 partition (on CPU with optimizer offload) plus one reduce bucket."""
     if s.zero == 0:
-        return 2.0 * m.params
-    part = 0.0 if "optimizer" in s.offload else 2.0 * m.params / s.gpus
-    return part + 2.0 * min(REDUCE_BUCKET_ELEMS, m.params)
+        return 2.0 * _trained(s, m)
+    part = 0.0 if "optimizer" in s.offload else 2.0 * _trained(s, m) / s.gpus
+    return part + 2.0 * min(REDUCE_BUCKET_ELEMS, _trained(s, m))
 
 
 def step_temp_bytes(s: Setup, m: Shape) -> float:
     """Optimizer-step temporaries: torch foreach AdamW's parameter-sized buffer (zero 0), the fp32 copy of the
     gradient partition (ZeRO on GPU), nothing on the GPU for CPU Adam (optimizer offload)."""
     if s.zero == 0:
-        return FOREACH_TEMP_COPIES * 2.0 * m.params
-    return 0.0 if "optimizer" in s.offload else 4.0 * m.params / s.gpus
+        return FOREACH_TEMP_COPIES * 2.0 * _trained(s, m)
+    return 0.0 if "optimizer" in s.offload else 4.0 * _trained(s, m) / s.gpus
 
 
 def workspace_bytes() -> float:
@@ -93,9 +110,9 @@ def workspace_bytes() -> float:
 def host_bytes(s: Setup, m: Shape, n: int) -> float:
     """CPU memory this GPU's rank needs: offloaded optimizer (fp32 master, m, v, fp32 grads: 16 B/param/gpus),
     offloaded weights (policy and reference), offloaded checkpoints (layers × n × h × 2 B)."""
-    b = 16.0 * m.params / s.gpus if "optimizer" in s.offload else 0.0
+    b = 16.0 * _trained(s, m) / s.gpus if "optimizer" in s.offload else 0.0
     if "param" in s.offload:
-        b += 2.0 * m.params / s.gpus * s.rows
+        b += 2.0 * _weights(s, m) / s.gpus * (s.rows if s.finetuning == "full" else 1)
     if s.features.checkpoint_offload and s.features.gradient_checkpointing:
         b += m.layers * n * m.hidden * ACT
     return b
