@@ -69,6 +69,11 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
     output_dir: str = field(default="out/run", metadata={"doc": "metrics.jsonl, config.json, provenance.json go here"})
     device: str = field(default="auto", metadata={"doc": "auto (cuda when available) | cpu | cuda"})
+    val_size: float = field(default=0.0, metadata={"doc": "hold out this fraction (< 1) or number (≥ 1) of the records for evaluation, chosen by the seed"})
+    eval_dataset: str | None = field(default=None, metadata={"doc": "evaluate on these datasets (named as dataset) instead of a val_size hold-out"})
+    eval_strategy: str = field(default="no", metadata={"doc": "no | steps (every eval_steps optimizer steps) | epoch (after each pass over the data)"})
+    eval_steps: int = field(default=500, metadata={"doc": "optimizer steps between evaluations (eval_strategy: steps)"})
+    per_device_eval_batch_size: int = field(default=1, metadata={"doc": "rows per evaluation micro-batch (dpo: pairs)"})
     ddp_timeout: int = field(default=1800, metadata={"doc": "seconds a collective waits for the other ranks before the run fails"})
     finetuning_type: str = field(default="full", metadata={"doc": "full (every weight trains) | lora (peft adapters; the base stays frozen; dpo's reference is the model with adapters disabled) | freeze is not implemented"})
     lora_rank: int = field(default=8, metadata={"doc": "lora: rank r of each adapter"})
@@ -91,6 +96,15 @@ class TrainConfig:
              f"max_grad_norm must be ≥ 0 (0 = no clipping), got {self.max_grad_norm}")
         need(self.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.val_size >= 0 and (self.val_size < 1 or self.val_size == int(self.val_size)),
+             f"val_size must be a fraction in [0, 1) or a whole number of records, got {self.val_size}")
+        need(self.eval_strategy in ("no", "steps", "epoch"), f"eval_strategy {self.eval_strategy!r} is unknown; use no, steps or epoch")
+        need(self.eval_steps >= 1 and self.per_device_eval_batch_size >= 1, "eval_steps and per_device_eval_batch_size must be ≥ 1")
+        need(not (self.val_size and self.eval_dataset), "give val_size or eval_dataset, not both")
+        need(self.eval_strategy == "no" or bool(self.val_size or self.eval_dataset),
+             f"eval_strategy {self.eval_strategy} has nothing to evaluate; set val_size or eval_dataset")
+        need(not self.val_size or self.eval_strategy != "no",
+             "val_size holds out records but eval_strategy is no; set eval_strategy: steps or epoch, or val_size: 0")
         need(self.ddp_timeout > 0, f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
         need(bool(self.dataset.strip(",")), "dataset is empty; name a dataset, a file, or synthetic")
         need(self.sequence_parallel_mode in METHODS,

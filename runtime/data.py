@@ -206,6 +206,35 @@ class StepSchedule:
 
 
 @dataclass
+class EvalSchedule:
+    """The held-out units, in order, `per_device` rows per micro-batch per dp replica (no shuffling, no
+    accumulation). The last round may leave some replicas without a unit: they run a copy of unit 0 with
+    weight 0, so every rank joins the same collectives (ZeRO-3 gathers parameters over all ranks)."""
+
+    units: list[Unit]
+    per_device: int
+    dp: int
+
+    def rounds(self) -> int:
+        return math.ceil(len(self.units) / (self.per_device * self.dp))
+
+    def micro_batches(self, dp_rank: int, pad_id: int) -> list[tuple[MicroBatch, float]]:
+        """(micro-batch, weight 1 or 0) of this replica for every round."""
+        out = []
+        for r in range(self.rounds()):
+            start = (r * self.dp + dp_rank) * self.per_device
+            mine = self.units[start : start + self.per_device]
+            out.append((collate(mine, pad_id), 1.0) if mine else (collate(self.units[:1], pad_id), 0.0))
+        return out
+
+    def denominator(self, stage: str) -> int:
+        """sft: supervised tokens of the whole eval set; dpo: its pairs."""
+        if stage == "sft":
+            return sum(u.supervised() for u in self.units)
+        return len(set().union(*(u.pairs() for u in self.units)))
+
+
+@dataclass
 class LocalBatch:
     """One rank's shard of a micro-batch: [rows, local_len] tensors plus the layout facts."""
 

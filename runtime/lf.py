@@ -49,7 +49,6 @@ def _one_of(key: str, table: dict[str, dict]) -> Callable[[Any], dict]:
 _BF16 = "dtype: bfloat16 — parameters, gradients and AdamW states in bfloat16 (LLaMA-Factory's pure_bf16); bf16 " \
         "mixed precision keeps float32 master weights, which spbench has only under DeepSpeed (its bf16 optimizer)"
 _NO_CKPT = "spbench writes metrics.jsonl, config.json and provenance.json, no model checkpoints (yet)"
-_NO_EVAL = "evaluation is not implemented: spbench trains and reports training metrics only"
 IGNORED = "ignore"
 
 LF_KEYS: dict[str, LFKey] = {
@@ -72,12 +71,7 @@ LF_KEYS: dict[str, LFKey] = {
     "resume_from_checkpoint": LFKey("refuse", "resuming is not implemented (no checkpoints are written yet)", harmless=(None, False)),
     "shuffle_for_sequence_parallel": LFKey(IGNORED, "spbench's data order depends only on seed and global batch, never on SP"),
     "enable_liger_kernel": LFKey(IGNORED, "spbench has its own tiled loss and MLP (tiled_loss_chunk, tiled_mlp_chunks)"),
-    "per_device_eval_batch_size": LFKey(IGNORED, _NO_EVAL),
-    "eval_steps": LFKey(IGNORED, _NO_EVAL),
-    "eval_strategy": LFKey("refuse", _NO_EVAL, harmless=("no",)),
-    "val_size": LFKey("refuse", _NO_EVAL + "; val_size would hold out training data", harmless=(0, 0.0)),
-    "eval_dataset": LFKey("refuse", _NO_EVAL, harmless=(None,)),
-    "do_eval": LFKey("refuse", _NO_EVAL, harmless=(False,)),
+    "do_eval": LFKey(IGNORED, "evaluation runs when eval_strategy is steps or epoch"),
     "do_predict": LFKey("refuse", "generation is not implemented", harmless=(False,)),
     # translated
     "bf16": LFKey("translate", _BF16, to=_flag("bf16", lambda: {"dtype": "bfloat16"})),
@@ -138,13 +132,15 @@ LF_SHARED = {
     "lr_scheduler_type": "constant_with_warmup → constant (ours warms up too); linear, cosine as is; others refused",
     "pref_loss": "orpo and kto_pair are refused",
     "warmup_ratio": "as LF: warmup_steps = ⌈ratio × total steps⌉ when warmup_steps is 0",
+    "val_size": "as LF (a fraction or a count), but which records are held out follows spbench's seeded permutation",
+    "eval_strategy": "no, steps or epoch; eval_loss is Σ token losses / Σ tokens of the whole eval set (HF averages batch means)",
     "ddp_timeout": "as LF: seconds before a collective gives up",
     "deepspeed": "its \"auto\" values are filled in; its optimizer and scheduler blocks are replaced by the trainer's",
 }
 
 # LLaMA-Factory's (and HF TrainingArguments') defaults where spbench's differ, for keys an LF config leaves out
 LF_DEFAULTS = {"num_train_epochs": 3.0, "lr_scheduler_type": "linear", "learning_rate": 5e-5,
-               "per_device_train_batch_size": 8, "seed": 42, "cutoff_len": 2048, "dtype": "float32"}
+               "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "seed": 42, "cutoff_len": 2048, "dtype": "float32"}
 
 
 def translate(values: dict[str, Any], own: set[str], source: str) -> tuple[dict[str, Any], list[str]]:

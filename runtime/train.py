@@ -22,12 +22,13 @@ from .attention.kernels import select_kernel
 from .comm import CommCounter, all_reduce_, sum_shards
 from .config import DTYPES, ConfigError, TrainConfig
 from .data import LocalBatch, MicroBatch, StepSchedule, shard_batch
+from .evaluate import eval_due, evaluate
 from .lora import adapters_disabled, apply_lora, check_lora, trainable_parameters
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
 from .memory import OffloadStats, checkpoint_offload, prepare_model, shard_tokens
 from .models import build_model, check_attention_reachable, check_weights, head_counts, model_config, placed
 from .optim import build_optimizer, clip_gradients, deepspeed_json, init_deepspeed
-from .records import build_schedule, load_tokenizer
+from .records import build_eval_schedule, build_schedule, load_tokenizer
 from .topology import ParallelContext, TopologyError, build_parallel_context, rank_grid, single_process_context
 
 DPO_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -56,8 +57,9 @@ def preflight(cfg: TrainConfig, world: int) -> None:
     check_lora(cfg, model_config(cfg.model_name_or_path))
     if cfg.deepspeed:
         deepspeed_json(cfg, world, DTYPES[cfg.dtype], model_config(cfg.model_name_or_path).hidden_size)
-    build_schedule(cfg, world // cfg.sequence_parallel_size, load_tokenizer(cfg.model_name_or_path),
-                   model_config(cfg.model_name_or_path).vocab_size)
+    for build in (build_schedule, build_eval_schedule):
+        build(cfg, world // cfg.sequence_parallel_size, load_tokenizer(cfg.model_name_or_path),
+              model_config(cfg.model_name_or_path).vocab_size)
 
 
 def context_for(cfg: TrainConfig) -> ParallelContext:
@@ -151,6 +153,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model_name_or_path)
         self.schedule = schedule or build_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
         self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
+        self.eval_schedule = build_eval_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
+        self.eval_history: list[dict] = []
+        self.metric_keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
         self.trainable = trainable_parameters(self.model)  # all (full) or the adapters (lora)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.trainable, self.max_steps)
         self.engine = None
@@ -161,7 +166,7 @@ class Trainer:
         self.grad_step = 1 if self.peft is not None and self.max_steps > 1 else 0
 
     # ---- one micro-batch --------------------------------------------------------------------------
-    def _plan(self, seq_len: int):
+    def plan(self, seq_len: int):
         return shard_plan(self.cfg.sequence_parallel_mode, seq_len, self.cfg.sequence_parallel_size, self.ulysses)
 
     def _logprobs(self, model, lb: LocalBatch) -> torch.Tensor:
@@ -177,7 +182,7 @@ class Trainer:
         lens = logp.new_zeros(n + 1).index_add(0, bucket, supervised)[1:]
         return sum_shards(sums, self.pc.sp_group), all_reduce_(lens.detach(), self.pc.sp_group)
 
-    def _micro_step(self, lb: LocalBatch, pairs, n_slots: int, denom: int, stats: dict) -> torch.Tensor:
+    def micro_objective(self, lb: LocalBatch, pairs, n_slots: int, denom: int, stats: dict) -> torch.Tensor:
         """This rank's share of the step objective for one micro-batch (to back-propagate)."""
         if self.cfg.stage == "sft":
             loss = sft_loss(self._logprobs(self.engine or self.policy, lb), lb.targets, denom)
@@ -225,16 +230,16 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         denom = self.schedule.step_denominator(step, cfg.stage)
-        keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
+        keys = self.metric_keys
         stats = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
         world = self.pc.grid.world
         if micro_batches is None:
             micro_batches = self.schedule.micro_batches(step, self.pc.dp_rank, self.tokenizer.pad_id)
         held = padded = 0  # tokens this rank held; of the padded micro-batches (SP engaged: held × sp = padded)
         for mb in micro_batches:
-            lb = shard_batch(mb, self._plan, self.pc.sp_rank, self.device)
-            held, padded = held + lb.input_ids.numel(), padded + mb.input_ids.shape[0] * self._plan(mb.seq_len).total_len
-            loss = self._micro_step(lb, mb.pairs, mb.num_slots, denom, stats)
+            lb = shard_batch(mb, self.plan, self.pc.sp_rank, self.device)
+            held, padded = held + lb.input_ids.numel(), padded + mb.input_ids.shape[0] * self.plan(mb.seq_len).total_len
+            loss = self.micro_objective(lb, mb.pairs, mb.num_slots, denom, stats)
             if self.engine is None:
                 loss.backward()
             else:  # DeepSpeed averages over all `world` ranks and divides by grad accum: undo both
@@ -263,11 +268,16 @@ class Trainer:
         return metrics
 
     def train(self, on_step: Callable[[dict], None] | None = None, capture_grads: bool = False) -> list[dict]:
-        """All steps; `on_step(metrics)` after each. Returns the metrics list."""
+        """All steps, each followed by evaluation when due (eval_history); `on_step(metrics)` after each step and
+        each evaluation. Returns the step metrics."""
         history = []
+        per_epoch = max(1, len(self.schedule.units) // self.schedule.global_batch)
         for s in range(self.max_steps):
-            m = self.step(s, capture_grads=capture_grads and s == self.grad_step)
-            history.append(m)
-            if on_step is not None:
+            records = [self.step(s, capture_grads=capture_grads and s == self.grad_step)]
+            history.append(records[0])
+            if eval_due(self.cfg.eval_strategy, self.cfg.eval_steps, per_epoch, s, self.max_steps - 1):
+                records.append(evaluate(self, s))
+                self.eval_history.append(records[-1])
+            for m in records if on_step is not None else ():
                 on_step(m)
         return history

@@ -79,6 +79,8 @@ def judge_case(case: Case, ref: dict, sp: dict) -> dict:
         if not param_err <= tol["grad"]:
             failures.append(f"step-{ref.get('grad_step', 0)} grad of {worst_param}: rel err {param_err:.3g} > {tol['grad']:.0e}")
     failures += sp_engaged_failures(case, sp)
+    eval_err, eval_fail = eval_failures(case, ref.get("eval") or [], sp.get("eval") or [], applied)
+    failures += eval_fail
     dpo_err = None
     if case.stage == "dpo":
         dpo_err = max(dpo_error(case, k, r, s) for r, s in zip(rm, sm) for k in DPO_KEYS
@@ -89,13 +91,37 @@ def judge_case(case: Case, ref: dict, sp: dict) -> dict:
         **case.fields(), "passed": not failures, "error": None,
         "tolerance": applied,
         "metrics": {"max_loss_rel_err": max(loss_err, default=None), "max_grad_norm_rel_err": max(gn_err, default=None),
-                    "max_param_grad_rel_err": param_err, "worst_param": worst_param, "max_dpo_rel_err": dpo_err},
+                    "max_param_grad_rel_err": param_err, "worst_param": worst_param, "max_dpo_rel_err": dpo_err,
+                    "max_eval_rel_err": eval_err},
         "failures": failures,
         "ref_losses": [m["loss"] for m in rm], "sp_losses": [m["loss"] for m in sm],
         "ref_grad_norms": [m["grad_norm"] for m in rm], "sp_grad_norms": [m["grad_norm"] for m in sm],
         "sp_engaged": {"rank_tokens": [m["rank_tokens"] for m in sm], "seq_tokens": [m["seq_tokens"] for m in sm],
                        "sp_comm_bytes": [m["sp_comm_bytes"] for m in sm], "attention": sp.get("attention")},
     }
+
+
+def eval_failures(case: Case, ref: list[dict], sp: list[dict], applied: dict) -> tuple[float | None, list[str]]:
+    """(worst relative error, failures) of the evaluations: the same steps, every eval metric within the loss
+    tolerance (DPO's within the DPO one), the same eval token or pair counts."""
+    if not ref and not sp:
+        return None, []
+    if [m["step"] for m in ref] != [m["step"] for m in sp]:
+        return float("inf"), [f"evaluated after steps {[m['step'] for m in sp]}, reference {[m['step'] for m in ref]}"]
+    errs, failures = [], []
+    for r, s in zip(ref, sp):
+        for key in r:
+            if key.startswith("eval_") and key[5:] in ("loss", *DPO_KEYS):
+                if key == "eval_rewards/accuracies" and case.dtype != "float64":
+                    continue  # a 0/1 average that flips on a ~0 margin (as in training)
+                err = rel_err(s[key], r[key])
+                tol = applied["loss"] if key == "eval_loss" else applied["dpo"]
+                errs.append(err)
+                if not err <= tol:
+                    failures.append(f"{key} after step {r['step']}: rel err {err:.3g} > {tol:.0e}")
+            elif key.startswith("eval_") and s[key] != r[key]:
+                failures.append(f"{key} after step {r['step']}: {s[key]} != reference {r[key]}")
+    return max(errs, default=None), failures[:3]
 
 
 def sp_engaged_failures(case: Case, sp: dict) -> list[str]:
@@ -122,7 +148,7 @@ def run_reference(case: Case, device: str = "cpu") -> dict:
     trainer = Trainer(case.train_config(sp_on=False, device=device), separate_reference=True)
     metrics = trainer.train(capture_grads=True)
     return {"metrics": metrics, "grads": {k: v.double() for k, v in trainer.captured_grads.items()},
-            "grad_step": trainer.grad_step}
+            "grad_step": trainer.grad_step, "eval": trainer.eval_history}
 
 
 def run_cases(cases: list[Case], backend: str = "gloo", timeout: float = 600, log=print,

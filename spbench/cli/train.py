@@ -53,6 +53,10 @@ class MetricsLog:
 
     def __call__(self, m: dict) -> None:
         append_jsonl(self.path, m)
+        if "eval_loss" in m:  # an evaluation after step m["step"]: always shown
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("eval_") and isinstance(v, float))
+            print(("\n" if self.tty else "") + f"eval after step {m['step'] + 1}  {shown}", file=sys.stderr, flush=True)
+            return
         self.tokens += m["tokens"] or 0
         self.seconds += m["step_time_s"]
         rate = self.tokens / max(self.seconds, 1e-9)

@@ -8,7 +8,7 @@ from runtime.train import Trainer, context_for
 
 
 def train_on_rank(info, cfg_values: dict, capture_grads: bool = False, on_step=None) -> dict | None:
-    """Train with `cfg_values` on this rank; rank 0 returns {"metrics": [...], "grads": {...} | None, "grad_step"}.
+    """Train with `cfg_values` on this rank; rank 0 returns {"metrics": [...], "grads": {...} | None, "grad_step", "eval": [...]}.
 
     `on_step(metrics)` runs on rank 0 after each step. The job's process groups are released at the end, so a
     pool's ranks can run any number of jobs.
@@ -25,5 +25,5 @@ def train_on_rank(info, cfg_values: dict, capture_grads: bool = False, on_step=N
     grads = None
     if trainer.captured_grads is not None:
         grads = {k: v.detach().to("cpu", torch.float64) for k, v in trainer.captured_grads.items()}
-    return {"metrics": history, "grads": grads, "grad_step": trainer.grad_step,
+    return {"metrics": history, "grads": grads, "grad_step": trainer.grad_step, "eval": trainer.eval_history,
             "attention": trainer.model.config._attn_implementation}
