@@ -161,16 +161,21 @@ def build_targets(args) -> tuple[list[Target], int]:
         variants = [(_variant_name(feats), feats)]
     else:
         variants = [(v.get("name"), _variant_features(v, f"suite {args.suite!r}")) for v in suite["variants"]]
+    targets = [Target(name, Setup(m, st, gpus, gpu_mem, sp, zero, frozenset(offload), feats, sp_method,
+                                  finetuning=ft, lora_rank=args.lora_rank))
+               for m in models for st in stages for ft in _finetuning(args) for name, feats in variants for sp in sps]
+    return targets, resolution
+
+
+def _finetuning(args) -> list[str]:
+    """--finetuning-type as a list (full, lora or both), --lora-rank checked."""
     finetuning = _csv(args.finetuning_type)
     bad = [f for f in finetuning if f not in FINETUNING]
     if bad or not finetuning:
         raise UsageError(f"--finetuning-type {','.join(bad) or '(empty)'} unknown; use full, lora or full,lora")
     if args.lora_rank < 1:
         raise UsageError(f"--lora-rank must be >= 1, got {args.lora_rank}")
-    targets = [Target(name, Setup(m, st, gpus, gpu_mem, sp, zero, frozenset(offload), feats, sp_method,
-                                  finetuning=ft, lora_rank=args.lora_rank))
-               for m in models for st in stages for ft in finetuning for name, feats in variants for sp in sps]
-    return targets, resolution
+    return finetuning
 
 
 def _variant_name(f: MemoryFeatures) -> str:
