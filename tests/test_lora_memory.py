@@ -91,7 +91,7 @@ def test_maxlen_cli_gives_lora_rows(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     rows = {(r["stage"], r["finetuning"]): r for r in json.loads(out[-1])["rows"]}
     assert rc == 0 and len(rows) == 4 and rows["sft", "lora"]["lora_rank"] == 16
-    assert any("ours+lora16" in line for line in out)
+    assert any("ours+lora" in line for line in out)
     for stage in ("sft", "dpo"):
         assert rows[stage, "lora"]["max_len"] >= rows[stage, "full"]["max_len"]
     with pytest.raises(maxlen.UsageError, match="--finetuning-type freeze unknown"):
@@ -106,3 +106,12 @@ def test_probe_argv_round_trips_lora():
     assert spec.train_config()["finetuning_type"] == "lora" and t.key()["finetuning"] == "lora"
     full = Target("ours", Setup("qwen2.5-7b", "dpo", 1, 80.0, 1, 0, frozenset(), MemoryFeatures()))
     assert "finetuning" not in full.key()  # probes.jsonl of full runs resume as before
+
+
+def test_the_shipped_maxlen_suite_has_lora_rows_and_lora_rank_overrides():
+    targets, _ = maxlen.build_targets(_parse(["--suite", "maxlen-qwen2.5", "--lora-rank", "16"]))
+    lora = [t for t in targets if t.setup.finetuning == "lora"]
+    assert lora and {t.variant for t in lora} == {"ours+lora"} and {t.setup.lora_rank for t in lora} == {16}
+    assert all(t.setup.lora_rank == 16 for t in lora)
+    by = {(t.setup.model, t.setup.stage, t.variant): mm.maxlen_for(t.setup) for t in targets if t.setup.model == "qwen2.5-7b"}
+    assert by["qwen2.5-7b", "dpo", "ours+lora"] > by["qwen2.5-7b", "dpo", "ours"]  # no reference model

@@ -273,8 +273,9 @@ def test_feature_flags_and_plain_setup(tmp_path, capsys):
 
 def test_suite_expands_and_flags_override(tmp_path):
     cases, res = maxlen.build_targets(_parse(["--suite", str(SUITE), "--out", str(tmp_path)]))
-    assert res == 1024 and len(cases) == 7 * 2 * 3
-    assert {c.variant for c in cases} == {"ours", "ours+ckpt-offload", "plain"}
+    assert res == 1024 and len(cases) == 7 * 2 * 4
+    assert {c.variant for c in cases} == {"ours", "ours+ckpt-offload", "plain", "ours+lora"}
+    assert {c.setup.finetuning for c in cases if c.variant == "ours+lora"} == {"lora"}
     assert all(c.setup.gpus == 8 and c.setup.gpu_mem_gib == 80 and c.setup.zero == 3
                and c.setup.offload == {"optimizer", "param"} for c in cases)
     cases, _ = maxlen.build_targets(_parse(["--suite", str(SUITE), "--model", "qwen2.5-7b", "--gpus", "16",

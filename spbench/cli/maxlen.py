@@ -41,10 +41,10 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="preset(s) or checkpoint dir(s), comma separated (e.g. qwen2.5-7b,qwen2.5-14b)")
     p.add_argument("--suite", help="shipped maxlen suite (maxlen-qwen2.5) or a TOML path; flags given override it")
     p.add_argument("--stage", help="sft, dpo or sft,dpo (default sft)")
-    p.add_argument("--finetuning-type", default="full",
+    p.add_argument("--finetuning-type",
                    help="full, lora or full,lora (lora: gradients and AdamW states of the adapters only, no DPO "
-                        "reference model; default full)")
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r on every decoder linear (default 8)")
+                        "reference model; default full; replaces a suite's variants like the feature flags)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank r on every decoder linear (default 8)")
     p.add_argument("--gpus", type=int, help="GPUs in the job (default 8)")
     p.add_argument("--gpu-mem", type=float, help="GiB per GPU as the driver reports it (default 80)")
     p.add_argument("--sp", help="SP size(s), comma separated (default: --gpus)")
@@ -93,7 +93,8 @@ def load_suite(name: str) -> dict:
     return doc
 
 
-VARIANT_KEYS = {"name", "tiled_loss", "tiled_mlp", "checkpoint_offload", "gradient_checkpointing", "loss_chunk"}
+VARIANT_KEYS = {"name", "tiled_loss", "tiled_mlp", "checkpoint_offload", "gradient_checkpointing", "loss_chunk",
+                "finetuning", "lora_rank"}
 
 
 def _variant_features(v: dict, where: str) -> MemoryFeatures:
@@ -152,27 +153,40 @@ def build_targets(args) -> tuple[list[Target], int]:
     if resolution < 1:
         raise UsageError(f"--resolution must be >= 1 token, got {resolution}")
     flags_given = (args.no_tiled_loss or args.no_tiled_mlp or args.checkpoint_offload is not None
-                   or args.gradient_checkpointing is not None)
+                   or args.gradient_checkpointing is not None or args.finetuning_type is not None)
     if flags_given or "variants" not in suite:
         ckpt = True if args.gradient_checkpointing is None else args.gradient_checkpointing
         variant = {"name": "cli", "tiled_loss": not args.no_tiled_loss, "tiled_mlp": not args.no_tiled_mlp,
                    "checkpoint_offload": bool(args.checkpoint_offload), "gradient_checkpointing": ckpt}
         feats = _variant_features(variant, "flags")
-        variants = [(_variant_name(feats), feats)]
+        variants = [(_variant_name(feats) + ("+lora" if ft == "lora" else ""), feats, ft, args.lora_rank)
+                    for ft in _finetuning(args)]
     else:
-        variants = [(v.get("name"), _variant_features(v, f"suite {args.suite!r}")) for v in suite["variants"]]
+        variants = [(v.get("name"), _variant_features(v, f"suite {args.suite!r}"), *_variant_lora(v, args))
+                    for v in suite["variants"]]
     targets = [Target(name, Setup(m, st, gpus, gpu_mem, sp, zero, frozenset(offload), feats, sp_method,
-                                  finetuning=ft, lora_rank=args.lora_rank))
-               for m in models for st in stages for ft in _finetuning(args) for name, feats in variants for sp in sps]
+                                  finetuning=ft, lora_rank=rank))
+               for m in models for st in stages for name, feats, ft, rank in variants for sp in sps]
     return targets, resolution
+
+
+def _variant_lora(v: dict, args) -> tuple[str, int]:
+    """(finetuning, lora rank) of a suite variant: its own keys (default full, rank 8); --lora-rank overrides."""
+    ft, rank = v.get("finetuning", "full"), int(v.get("lora_rank", 8) if args.lora_rank is None else args.lora_rank)
+    if ft not in FINETUNING or rank < 1:
+        raise UsageError(f"suite {args.suite!r}: variant {v.get('name')!r}: finetuning {ft!r} (lora_rank {rank}); "
+                         "use full or lora, lora_rank >= 1")
+    return ft, rank
 
 
 def _finetuning(args) -> list[str]:
     """--finetuning-type as a list (full, lora or both), --lora-rank checked."""
-    finetuning = _csv(args.finetuning_type)
+    finetuning = _csv(args.finetuning_type or "full")
     bad = [f for f in finetuning if f not in FINETUNING]
     if bad or not finetuning:
         raise UsageError(f"--finetuning-type {','.join(bad) or '(empty)'} unknown; use full, lora or full,lora")
+    if args.lora_rank is None:
+        args.lora_rank = 8
     if args.lora_rank < 1:
         raise UsageError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     return finetuning

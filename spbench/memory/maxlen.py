@@ -93,8 +93,7 @@ def format_table(rows: list[dict]) -> str:
         n = r["max_len"]
         short = f"{n / 2**20:.2f}M" if n >= 2**20 else f"{n // 1024}k"
         peak = f"{r['peak_gib']:.1f}" if isinstance(r["peak_gib"], (int, float)) else "-"
-        variant = r["variant"] + (f"+lora{r.get('lora_rank', '')}" if r.get("finetuning") == "lora" else "")
-        body.append([r["model"], r["stage"], variant, f"{r['gpus']}×{r['gpu_mem_gib']:g} GiB", str(r["sp"]),
+        body.append([r["model"], r["stage"], r["variant"], f"{r['gpus']}×{r['gpu_mem_gib']:g} GiB", str(r["sp"]),
                      strategy_label(r), str(r["zero"]), r["offload"], f"{n:,}", short, r["source"], peak])
     return plain_table(head, body, right={4, 6, 8, 9, 11})
 
