@@ -96,6 +96,12 @@ def build_units(stage: str, records: list[dict], cutoff: int, packing: bool, eos
     return units
 
 
+def longest_row(units: list[Unit]) -> int:
+    """Tokens of the longest tensor row the units make (a split unit makes one row per document); 0 if none."""
+    return max((max(len(d.input_ids) for d in u.docs) if u.split else sum(len(d.input_ids) for d in u.docs)
+                for u in units), default=0)
+
+
 @dataclass
 class MicroBatch:
     """Full (unsharded) tensors of one micro-batch, identical on every rank of an SP group.

@@ -21,7 +21,7 @@ from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
 from .comm import CommCounter, all_reduce_, sum_shards
 from .config import DTYPES, ConfigError, TrainConfig
-from .data import LocalBatch, MicroBatch, StepSchedule, shard_batch
+from .data import LocalBatch, MicroBatch, StepSchedule, longest_row, shard_batch
 from .evaluate import eval_due, evaluate
 from .lora import adapters_disabled, apply_lora, check_lora, trainable_parameters
 from .losses import IGNORE, preference_loss, sft_loss, token_logprobs
@@ -135,10 +135,15 @@ class Trainer:
                 self.ref_model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed),
                                         self.device)
                 self.ref_model.eval().requires_grad_(False)
-        # One MLP chunk count for every rank and micro-batch, from the global shard length (F11: differing
-        # counts hang ZeRO-3); the memory model sizes it the same way (runtime.memory.shard_tokens).
+        # One MLP chunk count for every rank and micro-batch, from the global shard length of the longest row the
+        # data holds (F11: differing counts hang ZeRO-3); at full-length rows (synthetic-full) it is the memory
+        # model's (runtime.memory.shard_tokens); short data under a long cutoff_len gets no needless chunks.
         self.features = cfg.memory_features
-        self.shard_tokens = shard_tokens(cfg.cutoff_len, sp, cfg.rows_per_micro_batch)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path)
+        self.schedule = schedule or build_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
+        self.eval_schedule = build_eval_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
+        longest = max(longest_row(self.schedule.units), longest_row(self.eval_schedule.units if self.eval_schedule else []))
+        self.shard_tokens = shard_tokens(min(cfg.cutoff_len, longest), sp, cfg.rows_per_micro_batch)
         self.mlp_chunks = prepare_model(self.model, self.features, self.shard_tokens, mcfg.hidden_size)
         self.model.train()
         self.policy = TokenLogProbs(self.model, cfg.tiled_loss_chunk, cfg.checkpoint_offload)
@@ -150,10 +155,7 @@ class Trainer:
         self.comm = CommCounter()  # the attention's collectives of the current step (F12: > 0 when SP is on)
         self.attention = SPAttention(cfg.sequence_parallel_mode, self.pc,
                                      select_kernel(cfg.attention_kernel, self.device, self.dtype), self.comm)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path)
-        self.schedule = schedule or build_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
         self.max_steps = self.schedule.steps(cfg.max_steps, cfg.num_train_epochs)
-        self.eval_schedule = build_eval_schedule(cfg, self.pc.grid.dp, self.tokenizer, self.shapes.vocab)
         self.eval_history: list[dict] = []
         self.metric_keys = ("loss",) if cfg.stage == "sft" else ("loss", *DPO_KEYS)
         self.trainable = trainable_parameters(self.model)  # all (full) or the adapters (lora)

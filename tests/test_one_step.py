@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("stage,batch", [("sft", 1), ("dpo", 1), ("dpo", 2)])
 def test_memory_model_inputs_equal_the_trainers_resolved_features(stage, batch):
     cfg = from_dict({"model_name_or_path": "tiny", "stage": stage, "cutoff_len": 300, "max_samples": 8,
-                     "per_device_train_batch_size": batch, "dtype": "float32", "device": "cpu"})
+                     "per_device_train_batch_size": batch, "dtype": "float32", "device": "cpu",
+                     "dataset": "synthetic-full"})  # rows of cutoff_len tokens: what the memory model sizes
     trainer = Trainer(cfg)
     setup = Setup.from_config(cfg, gpus=1)
     assert setup.features == trainer.features == cfg.memory_features
@@ -27,6 +28,19 @@ def test_memory_model_inputs_equal_the_trainers_resolved_features(stage, batch):
     if trainer.ref_model is not None:  # the reference forward is tiled the same way
         ref = [m.mlp.num_chunks for m in trainer.ref_model.modules() if type(getattr(m, "mlp", None)).__name__ == "TiledMLP"]
         assert set(ref) == {trainer.mlp_chunks}
+
+
+def test_short_data_under_a_long_cutoff_gets_the_chunks_of_its_longest_row(tmp_path):
+    """LLaMA-Factory configs carry cutoff_len 100000 for data of a few hundred tokens: the MLP is tiled for the
+    longest row the data makes (the same on every rank), not for cutoff_len."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"instruction": "{"x" * 40 * i}", "output": "y"}}\n' for i in range(1, 5)))
+    cfg = from_dict({"model_name_or_path": "tiny", "cutoff_len": 100000, "dataset": str(data), "dtype": "float32",
+                     "device": "cpu"})
+    trainer = Trainer(cfg)
+    longest = 160 + 1 + 2  # the longest prompt and its newline, "y", eos
+    assert trainer.shard_tokens == longest
+    assert trainer.mlp_chunks == -(-longest // trainer.model.config.hidden_size)
 
 
 def test_reference_forward_runs_before_the_policy_forward():
