@@ -148,3 +148,19 @@ def test_lora_simpo_needs_no_reference():
     t = Trainer(from_dict({**BASE, "stage": "dpo", "pref_loss": "simpo"}))
     assert t.ref_model is None and not t.uses_reference
     assert math.isfinite(t.step(0)["loss"])
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("finetuning_type: lora\nlora_target: q_proj,qkv\n", "no linear module named qkv in the decoder; known: all, down_proj"),
+    ("finetuning_type: freeze\n", "finetuning_type freeze is not implemented; use full or lora"),
+    ("finetuning_type: lora\nlora_rank: 0\n", "lora_rank must be ≥ 1, got 0"),
+])
+def test_bad_lora_config_is_one_line_exit_2_before_any_rank(tmp_path, capsys, lines, message):
+    from spbench.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: tiny\noutput_dir: {tmp_path / 'run'}\n" + lines)
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
