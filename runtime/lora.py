@@ -19,6 +19,7 @@ DPO's reference log-probs come from the same model under `adapters_disabled(peft
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -88,7 +89,9 @@ def apply_lora(model: nn.Module, cfg: TrainConfig):
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,
                              target_modules=targets, bias="none")
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per rank, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(cfg.seed)
         # autocast_adapter_dtype=False: adapters in the model's dtype (float64 parity runs stay float64)
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
