@@ -48,7 +48,6 @@ def _one_of(key: str, table: dict[str, dict]) -> Callable[[Any], dict]:
 
 _BF16 = "dtype: bfloat16 — parameters, gradients and AdamW states in bfloat16 (LLaMA-Factory's pure_bf16); bf16 " \
         "mixed precision keeps float32 master weights, which spbench has only under DeepSpeed (its bf16 optimizer)"
-_NO_CKPT = "spbench writes metrics.jsonl, config.json and provenance.json, no model checkpoints (yet)"
 IGNORED = "ignore"
 
 LF_KEYS: dict[str, LFKey] = {
@@ -64,11 +63,6 @@ LF_KEYS: dict[str, LFKey] = {
     "run_name": LFKey(IGNORED, "runs are named by output_dir"),
     "plot_loss": LFKey(IGNORED, "no plot is written; metrics.jsonl holds the curve"),
     "overwrite_output_dir": LFKey(IGNORED, "spbench always replaces the metrics of a previous run in output_dir"),
-    "save_steps": LFKey(IGNORED, _NO_CKPT),
-    "save_strategy": LFKey(IGNORED, _NO_CKPT),
-    "save_only_model": LFKey(IGNORED, _NO_CKPT),
-    "save_total_limit": LFKey(IGNORED, _NO_CKPT),
-    "resume_from_checkpoint": LFKey("refuse", "resuming is not implemented (no checkpoints are written yet)", harmless=(None, False)),
     "shuffle_for_sequence_parallel": LFKey(IGNORED, "spbench's data order depends only on seed and global batch, never on SP"),
     "enable_liger_kernel": LFKey(IGNORED, "spbench has its own tiled loss and MLP (tiled_loss_chunk, tiled_mlp_chunks)"),
     "do_eval": LFKey(IGNORED, "evaluation runs when eval_strategy is steps or epoch"),
@@ -134,6 +128,8 @@ LF_SHARED = {
     "warmup_ratio": "as LF: warmup_steps = ⌈ratio × total steps⌉ when warmup_steps is 0",
     "val_size": "as LF (a fraction or a count), but which records are held out follows spbench's seeded permutation",
     "eval_strategy": "no, steps or epoch; eval_loss is Σ token losses / Σ tokens of the whole eval set (HF averages batch means)",
+    "save_steps": "as LF; checkpoints hold the HF model plus a layout-free resumable state, written atomically",
+    "resume_from_checkpoint": "a checkpoint-N folder or true (the latest complete one); not yet under DeepSpeed",
     "ddp_timeout": "as LF: seconds before a collective gives up",
     "deepspeed": "its \"auto\" values are filled in; its optimizer and scheduler blocks are replaced by the trainer's",
 }

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from . import checkpoint
 from .attention import SPAttention, resolve_ulysses, shard_plan
 from .attention.hf import SPBatch, register_sp_attention
 from .attention.kernels import select_kernel
@@ -269,17 +270,24 @@ class Trainer:
         metrics["step_time_s"] = time.perf_counter() - t0
         return metrics
 
-    def train(self, on_step: Callable[[dict], None] | None = None, capture_grads: bool = False) -> list[dict]:
+    def train(self, on_step: Callable[[dict], None] | None = None, capture_grads: bool = False,
+              checkpoints: bool = False) -> list[dict]:
         """All steps, each followed by evaluation when due (eval_history); `on_step(metrics)` after each step and
-        each evaluation. Returns the step metrics."""
-        history = []
+        each evaluation. `checkpoints`: resume from and save checkpoints as the config says (runtime/checkpoint.py).
+        Returns the step metrics."""
+        cfg, history = self.cfg, []
         per_epoch = max(1, len(self.schedule.units) // self.schedule.global_batch)
-        for s in range(self.max_steps):
+        resume = checkpoint.resume_path(cfg.resume_from_checkpoint, cfg.output_dir) if checkpoints else None
+        for s in range(checkpoint.load(self, resume) if resume else 0, self.max_steps):
             records = [self.step(s, capture_grads=capture_grads and s == self.grad_step)]
             history.append(records[0])
-            if eval_due(self.cfg.eval_strategy, self.cfg.eval_steps, per_epoch, s, self.max_steps - 1):
+            if eval_due(cfg.eval_strategy, cfg.eval_steps, per_epoch, s, self.max_steps - 1):
                 records.append(evaluate(self, s))
                 self.eval_history.append(records[-1])
             for m in records if on_step is not None else ():
                 on_step(m)
+            if checkpoints and checkpoint.save_due(cfg.save_strategy, cfg.save_steps, per_epoch, s):
+                checkpoint.save(self, cfg.output_dir, s + 1)
+        if checkpoints and cfg.save_strategy != "no":
+            checkpoint.save(self, cfg.output_dir, self.max_steps, final=True)
         return history

@@ -265,6 +265,6 @@ def test_llama_factory_example_config_trains_unchanged(tmp_path, monkeypatch, ca
     asks_eval = any(line.startswith("val_size:") for line in text.splitlines())  # not the commented-out ones
     assert len(evals) == (1 if asks_eval else 0)  # eval_steps 500: the final evaluation only
     assert all(math.isfinite(r["eval_loss"]) for r in evals)
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "train_config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["warmup_ratio"] in (0.0, 0.1)
     assert (out / "provenance.json").exists()

@@ -140,7 +140,8 @@ def test_train_cli_writes_metrics(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [0, 1] and all(math.isfinite(m["loss"]) for m in rows)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["sequence_parallel_size"] == 2
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["sequence_parallel_size"] == 2
+    assert (tmp_path / "out" / "model.safetensors").exists()  # the final model, saved_pretrained
     assert "git_sha" in json.loads((tmp_path / "out" / "provenance.json").read_text())
 
 

@@ -1,11 +1,12 @@
-"""`spbench train CONFIG.yaml [key=value ...] [--nproc N]`: an SFT/DPO run with metrics.jsonl, config.json,
-provenance.json. LLaMA-Factory configs run as they are (runtime/lf.py says what happens to each of its keys).
+"""`spbench train CONFIG.yaml [key=value ...] [--nproc N]`: an SFT/DPO run with metrics.jsonl, train_config.json,
+provenance.json, checkpoints and the final model in output_dir. LLaMA-Factory configs run as they are (runtime/lf.py says what happens to each of its keys).
 
 Spawns N local ranks (gloo on CPU, NCCL with one GPU per rank), or, under torchrun
 (RANK/WORLD_SIZE set by it), runs as one of torchrun's ranks.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from runtime.checkpoint import read_state, resume_path
 from runtime.config import config_fields, load_config
 from runtime.records import load_tokenizer
 from runtime.render import format_note
@@ -80,30 +82,43 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def keep_metrics_before(path: Path, steps_done: int) -> None:
+    """metrics.jsonl with only the records of steps before `steps_done` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if steps_done and line.strip() and json.loads(line)["step"] < steps_done]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def run(args) -> int:
     need_positive(nproc=args.nproc, timeout=args.timeout)
     notes: list[str] = []
     cfg = load_config(args.config, parse_overrides(args.overrides), notes)
+    resume = resume_path(cfg.resume_from_checkpoint, cfg.output_dir)  # one line, before any rank, if unusable
     if "RANK" not in os.environ:
         preflight(cfg, args.nproc or cfg.sequence_parallel_size)
         notes.append(format_note(cfg.template, load_tokenizer(cfg.model_name_or_path)))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     out = writable_folder(cfg.output_dir, "output_dir")
-    for stale in ("metrics.jsonl", "provenance.json"):  # provenance is written last: present means complete
-        (out / stale).unlink(missing_ok=True)
-    write_json_atomic(out / "config.json", cfg.to_dict())
+    (out / "provenance.json").unlink(missing_ok=True)  # provenance is written last: present means complete
+    keep_metrics_before(out / "metrics.jsonl", read_state(resume)["steps_done"] if resume else 0)
+    write_json_atomic(out / "train_config.json", cfg.to_dict())
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         return _torchrun(cfg, out, args)
     nproc = args.nproc or cfg.sequence_parallel_size
     backend = choose_backend(args.backend, nproc, device_type(cfg))
     t0 = time.perf_counter()
     with RankPool(nproc, backend=backend, timeout=args.timeout, collective_timeout=cfg.ddp_timeout) as pool:
-        pool.run(train_on_rank, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps))
+        pool.run(train_on_rank, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps), True)
     print(file=sys.stderr)
     write_json_atomic(out / "provenance.json", provenance(" ".join(["spbench", *sys.argv[1:]]), backend, nproc, cfg.seed,
                                                           time.perf_counter() - t0))
-    print(f"train: done; {out / 'metrics.jsonl'}")
+    saved = "" if cfg.save_strategy == "no" else f", the model in {out}"
+    print(f"train: done; {out / 'metrics.jsonl'}{saved}")
     return 0
 
 
@@ -116,7 +131,7 @@ def _torchrun(cfg, out: Path, args) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.ddp_timeout))
     info = RankInfo(dist.get_rank(), dist.get_world_size(), backend, "cuda" if backend == "nccl" else "cpu")
     t0 = time.perf_counter()
-    train_on_rank(info, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps))
+    train_on_rank(info, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps), True)
     if info.rank == 0:
         write_json_atomic(out / "provenance.json", provenance(" ".join(sys.argv), backend, info.world, cfg.seed,
                                                               time.perf_counter() - t0))
