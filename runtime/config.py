@@ -141,14 +141,18 @@ class TrainConfig:
              "attention: sdpa (transformers' own) cannot shard a sequence or keep packed samples apart; "
              "use attention: auto or runtime with sequence_parallel_size > 1 or packing")
         need(self.device in ("auto", "cpu", "cuda"), f"device {self.device!r} is unknown; use auto, cpu or cuda")
+        self._check_lora(need)
+        if self.deepspeed is not None:
+            read_deepspeed_json(self.deepspeed)  # exists and holds a JSON object (its contents: at preflight)
+
+    def _check_lora(self, need) -> None:
+        """The finetuning_type and lora_* rules (lora_target's names are checked against the model at preflight)."""
         need(self.finetuning_type != "freeze", "finetuning_type freeze is not implemented; use full or lora")
         need(self.finetuning_type in FINETUNING, f"finetuning_type {self.finetuning_type!r} is unknown; use full or lora")
         need(self.lora_rank >= 1, f"lora_rank must be ≥ 1, got {self.lora_rank}")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0 or null (2 × lora_rank), got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(bool(self.lora_target_names), f"lora_target {self.lora_target!r} names no module; use all or e.g. q_proj,v_proj")
-        if self.deepspeed is not None:
-            read_deepspeed_json(self.deepspeed)  # exists and holds a JSON object (its contents: at preflight)
 
     @property
     def memory_features(self) -> MemoryFeatures:
