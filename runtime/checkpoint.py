@@ -10,7 +10,8 @@ A checkpoint is complete or absent: it is written into a hidden temporary folder
 mid-save leaves the previous checkpoints untouched. save_total_limit removes the oldest complete ones after a save,
 never the newest. Nothing depends on the SP layout: states are full, not sharded, so a run may resume with another
 SP size or strategy at the same global batch. Under DeepSpeed the model is gathered from its ZeRO-3 partitions
-to be saved; resuming a DeepSpeed run is not implemented (its optimizer states are partitioned by layout).
+to be saved, and the resumable state is DeepSpeed's own checkpoint (`deepspeed/`, one partition file per rank),
+which resumes on the world size and ZeRO stage it was written with (checked before any rank starts).
 """
 from __future__ import annotations
 
@@ -68,6 +69,29 @@ def save_due(strategy: str, every: int, steps_per_epoch: int, step: int) -> bool
     if strategy == "no":
         return False
     return (step + 1) % (every if strategy == "steps" else steps_per_epoch) == 0
+
+
+def layout(cfg, world: int) -> dict:
+    """What a DeepSpeed checkpoint depends on: its states are partitioned over `world` ranks by ZeRO stage."""
+    if cfg.deepspeed is None:
+        return {"deepspeed": False}
+    from .dsconfig import read_deepspeed_json
+
+    stage = int(read_deepspeed_json(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
+    return {"deepspeed": True, "world": world, "zero": stage}
+
+
+def check_layout(state: dict, cfg, world: int, path) -> None:
+    """Refuse (one line) a resume the checkpoint cannot serve: DeepSpeed states resume only on their own layout."""
+    now = layout(cfg, world)
+    if state.get("deepspeed", False) != now["deepspeed"]:
+        kind = "a DeepSpeed" if state.get("deepspeed") else "a plain (non-DeepSpeed)"
+        raise CheckpointError(f"checkpoint {path} is {kind} checkpoint and this run is not; resume it with the "
+                              f"deepspeed setting it was written with")
+    if now["deepspeed"] and (state["world"], state["zero"]) != (now["world"], now["zero"]):
+        raise CheckpointError(f"checkpoint {path} holds ZeRO-{state['zero']} states partitioned over {state['world']} "
+                              f"ranks; resume it on {state['world']} ranks with ZeRO-{state['zero']} (this run: "
+                              f"{now['world']} ranks, ZeRO-{now['zero']})")
 
 
 def read_state(path: Path) -> dict:
@@ -133,15 +157,20 @@ def save(trainer, output_dir: str, steps_done: int, final: bool = False) -> Path
         tmp.mkdir(parents=True)
     _barrier(trainer)
     _write_model(trainer, tmp)
+    resumable = not cfg.save_only_model and not final
+    if resumable and trainer.engine is not None:  # every rank writes its ZeRO partition of the states
+        trainer.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        _barrier(trainer)
     if rank == 0:
-        resumable = not cfg.save_only_model and not final and trainer.engine is None
-        if resumable:
+        if resumable and trainer.engine is None:
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
+        if resumable:
             torch.save(rngs, tmp / "rng_state.pt")
         state = {"steps_done": steps_done, "max_steps": trainer.max_steps, "resumable": resumable,
                  "global_batch": trainer.schedule.global_batch, "seed": cfg.seed, "stage": cfg.stage,
-                 "finetuning_type": cfg.finetuning_type, "sequence_parallel_size": cfg.sequence_parallel_size}
+                 "finetuning_type": cfg.finetuning_type, "sequence_parallel_size": cfg.sequence_parallel_size,
+                 **layout(cfg, trainer.pc.grid.world)}
         (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
         _fsync_tree(tmp)
         if final:
@@ -193,9 +222,14 @@ def load(trainer, path: Path) -> int:
         raise CheckpointError(f"checkpoint {path} was trained with global batch {state['global_batch']} and seed "
                               f"{state['seed']}; this run has {trainer.schedule.global_batch} and {trainer.cfg.seed}: "
                               f"the data order would differ")
-    _load_weights(trainer, path)
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    check_layout(state, trainer.cfg, trainer.pc.grid.world, path)
+    if trainer.engine is not None:  # weights, optimizer and scheduler from the partitions
+        trainer.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    else:
+        _load_weights(trainer, path)
+        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rngs = torch.load(path / "rng_state.pt", weights_only=False)
     mine = rngs[trainer.pc.rank] if trainer.pc.rank < len(rngs) else rngs[0]  # another world size: rank 0's
     torch.set_rng_state(mine["cpu"])

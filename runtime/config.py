@@ -101,20 +101,7 @@ class TrainConfig:
              f"max_grad_norm must be ≥ 0 (0 = no clipping), got {self.max_grad_norm}")
         need(self.warmup_steps >= 0, f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        need(self.val_size >= 0 and (self.val_size < 1 or self.val_size == int(self.val_size)),
-             f"val_size must be a fraction in [0, 1) or a whole number of records, got {self.val_size}")
-        need(self.eval_strategy in ("no", "steps", "epoch"), f"eval_strategy {self.eval_strategy!r} is unknown; use no, steps or epoch")
-        need(self.eval_steps >= 1 and self.per_device_eval_batch_size >= 1, "eval_steps and per_device_eval_batch_size must be ≥ 1")
-        need(not (self.val_size and self.eval_dataset), "give val_size or eval_dataset, not both")
-        need(self.eval_strategy == "no" or bool(self.val_size or self.eval_dataset),
-             f"eval_strategy {self.eval_strategy} has nothing to evaluate; set val_size or eval_dataset")
-        need(not self.val_size or self.eval_strategy != "no",
-             "val_size holds out records but eval_strategy is no; set eval_strategy: steps or epoch, or val_size: 0")
-        need(self.save_strategy in ("no", "steps", "epoch"), f"save_strategy {self.save_strategy!r} is unknown; use no, steps or epoch")
-        need(self.save_steps >= 1, f"save_steps must be ≥ 1, got {self.save_steps}")
-        need(self.save_total_limit is None or self.save_total_limit >= 1, f"save_total_limit must be ≥ 1 or null, got {self.save_total_limit}")
-        need(not (self.resume_from_checkpoint and self.deepspeed),
-             "resume_from_checkpoint under DeepSpeed is not implemented yet (ZeRO states are partitioned by layout)")
+        self._check_eval_and_save(need)
         need(self.ddp_timeout > 0, f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
         need(bool(self.dataset.strip(",")), "dataset is empty; name a dataset, a file, or synthetic")
         need(self.sequence_parallel_mode in METHODS,
@@ -144,6 +131,21 @@ class TrainConfig:
         self._check_lora(need)
         if self.deepspeed is not None:
             read_deepspeed_json(self.deepspeed)  # exists and holds a JSON object (its contents: at preflight)
+
+    def _check_eval_and_save(self, need) -> None:
+        """The evaluation and checkpoint rules (resume_from_checkpoint's folder is checked by the launcher)."""
+        need(self.val_size >= 0 and (self.val_size < 1 or self.val_size == int(self.val_size)),
+             f"val_size must be a fraction in [0, 1) or a whole number of records, got {self.val_size}")
+        need(self.eval_strategy in ("no", "steps", "epoch"), f"eval_strategy {self.eval_strategy!r} is unknown; use no, steps or epoch")
+        need(self.eval_steps >= 1 and self.per_device_eval_batch_size >= 1, "eval_steps and per_device_eval_batch_size must be ≥ 1")
+        need(not (self.val_size and self.eval_dataset), "give val_size or eval_dataset, not both")
+        need(self.eval_strategy == "no" or bool(self.val_size or self.eval_dataset),
+             f"eval_strategy {self.eval_strategy} has nothing to evaluate; set val_size or eval_dataset")
+        need(not self.val_size or self.eval_strategy != "no",
+             "val_size holds out records but eval_strategy is no; set eval_strategy: steps or epoch, or val_size: 0")
+        need(self.save_strategy in ("no", "steps", "epoch"), f"save_strategy {self.save_strategy!r} is unknown; use no, steps or epoch")
+        need(self.save_steps >= 1, f"save_steps must be ≥ 1, got {self.save_steps}")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, f"save_total_limit must be ≥ 1 or null, got {self.save_total_limit}")
 
     def _check_lora(self, need) -> None:
         """The finetuning_type and lora_* rules (lora_target's names are checked against the model at preflight)."""

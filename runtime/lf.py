@@ -129,7 +129,7 @@ LF_SHARED = {
     "val_size": "as LF (a fraction or a count), but which records are held out follows spbench's seeded permutation",
     "eval_strategy": "no, steps or epoch; eval_loss is Σ token losses / Σ tokens of the whole eval set (HF averages batch means)",
     "save_steps": "as LF; checkpoints hold the HF model plus a layout-free resumable state, written atomically",
-    "resume_from_checkpoint": "a checkpoint-N folder or true (the latest complete one); not yet under DeepSpeed",
+    "resume_from_checkpoint": "a checkpoint-N folder or true (the latest complete one); DeepSpeed runs on their own layout",
     "ddp_timeout": "as LF: seconds before a collective gives up",
     "deepspeed": "its \"auto\" values are filled in; its optimizer and scheduler blocks are replaced by the trainer's",
 }

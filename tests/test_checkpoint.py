@@ -176,3 +176,21 @@ def test_a_model_only_checkpoint_is_not_resumable(tmp_path, capsys):
     cfg = yaml_config(tmp_path / "r.yaml", output_dir=str(out), max_steps=4, resume_from_checkpoint=str(out / "checkpoint-1"))
     assert main(["train", str(cfg)]) == 2
     assert "save_only_model: true" in capsys.readouterr().err
+
+
+def test_a_deepspeed_run_resumes_exactly_on_its_layout_and_refuses_another(tmp_path, capsys):
+    from spbench.common.deepspeed import deepspeed_config
+
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps(deepspeed_config(3)))
+    common = dict(deepspeed=str(ds), sequence_parallel_size=2, save_steps=2)
+    assert main(["train", str(yaml_config(tmp_path / "a.yaml", output_dir=str(tmp_path / "a"), max_steps=4, **common))]) == 0
+    assert main(["train", str(yaml_config(tmp_path / "b.yaml", output_dir=str(tmp_path / "b"), max_steps=2, **common))]) == 0
+    assert (tmp_path / "b" / "checkpoint-2" / "deepspeed").is_dir()
+    assert main(["train", str(tmp_path / "b.yaml"), "max_steps=4", "resume_from_checkpoint=true"]) == 0
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "b.yaml"), "max_steps=4", "resume_from_checkpoint=true", "--nproc", "4"]) == 2
+    assert "partitioned over 2 ranks; resume it on 2 ranks" in capsys.readouterr().err

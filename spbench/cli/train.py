@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from runtime.checkpoint import read_state, resume_path
+from runtime.checkpoint import check_layout, read_state, resume_path
 from runtime.config import config_fields, load_config
 from runtime.records import load_tokenizer
 from runtime.render import format_note
@@ -98,6 +98,8 @@ def run(args) -> int:
     notes: list[str] = []
     cfg = load_config(args.config, parse_overrides(args.overrides), notes)
     resume = resume_path(cfg.resume_from_checkpoint, cfg.output_dir)  # one line, before any rank, if unusable
+    if resume is not None and "RANK" not in os.environ:
+        check_layout(read_state(resume), cfg, args.nproc or cfg.sequence_parallel_size, resume)
     if "RANK" not in os.environ:
         preflight(cfg, args.nproc or cfg.sequence_parallel_size)
         notes.append(format_note(cfg.template, load_tokenizer(cfg.model_name_or_path)))
