@@ -103,8 +103,6 @@ def run(args) -> int:
     if "RANK" not in os.environ:
         preflight(cfg, args.nproc or cfg.sequence_parallel_size)
         notes.append(format_note(cfg.template, load_tokenizer(cfg.model_name_or_path)))
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
     out = writable_folder(cfg.output_dir, "output_dir")
     (out / "provenance.json").unlink(missing_ok=True)  # provenance is written last: present means complete
     keep_metrics_before(out / "metrics.jsonl", read_state(resume)["steps_done"] if resume else 0)
@@ -113,6 +111,8 @@ def run(args) -> int:
         return _torchrun(cfg, out, args)
     nproc = args.nproc or cfg.sequence_parallel_size
     backend = choose_backend(args.backend, nproc, device_type(cfg))
+    for note in notes:  # after every check: bad input stays one line
+        print(f"note: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     with RankPool(nproc, backend=backend, timeout=args.timeout, collective_timeout=cfg.ddp_timeout) as pool:
         pool.run(train_on_rank, cfg.to_dict(), False, MetricsLog(out, cfg.max_steps), True)
