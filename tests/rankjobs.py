@@ -99,3 +99,18 @@ def gather_and_scatter_warning_free(info):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return all_gather(x, group), reduce_scatter(torch.stack([x, 2 * x]), group)
+
+
+def step_comm_bytes(info, cfg_values: dict):
+    """(attention bytes rank 0 sent in step 0, tokens it held, the run's Ulysses degree) of one Trainer.step."""
+    from runtime.config import from_dict
+    from runtime.train import Trainer, context_for
+
+    cfg = from_dict(cfg_values)
+    pc = context_for(cfg)
+    try:
+        trainer = Trainer(cfg, pc)
+        m = trainer.step(0)
+    finally:
+        pc.destroy()
+    return m["sp_comm_bytes"], m["rank_tokens"], trainer.ulysses
