@@ -3,8 +3,8 @@ names (the ring's final dK/dV hop, the checkpoint recompute) — exactly, on 4 g
 from __future__ import annotations
 
 import pytest
-
 from rankjobs import step_comm_bytes
+
 from runtime.attention import METHODS
 from runtime.models import model_config
 from spbench.check.comm_bytes import AttentionShape, per_token, step_bytes
