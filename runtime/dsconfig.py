@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, read_json_object
 
 
 class DeepSpeedConfigError(InputError):
@@ -62,10 +62,4 @@ def read_deepspeed_json(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise DeepSpeedConfigError(f"deepspeed config {path!r} does not exist")
-    try:
-        ds = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DeepSpeedConfigError(f"deepspeed config {path!r} is not valid JSON ({e})") from None
-    if not isinstance(ds, dict):
-        raise DeepSpeedConfigError(f"deepspeed config {path!r} must hold a JSON object")
-    return ds
+    return read_json_object(p, DeepSpeedConfigError, f"deepspeed config {path!r}")

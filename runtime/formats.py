@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError
+from .errors import read_json_object
 
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                  "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
@@ -73,13 +74,7 @@ def _read_info(info_path: Path, name: str) -> dict:
     if not info_path.is_file():
         raise DataError(f"dataset {name!r} is not an existing file, and there is no {info_path} to name it "
                         f"(set dataset_dir to the folder of your dataset_info.json, or give a file path)")
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{info_path} is not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{info_path} must hold a JSON object of dataset names")
-    return info
+    return read_json_object(info_path, DataError, str(info_path))
 
 
 def _attr(name: str, entry: Any, folder: Path, info_path: Path) -> DatasetAttr:
