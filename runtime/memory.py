@@ -2,8 +2,8 @@
 
 Each feature is switchable (`MemoryFeatures`) and exact: a step with it gives the same loss
 and gradients as without it (tests/test_memory.py checks this in float64). None of them
-patches transformers: the tiled MLP replaces `layer.mlp` modules *in the user's model
-instance* by a wrapper, checkpointing uses transformers' own switch, and checkpoint
+patches transformers: the tiled MLP (runtime/tiled_mlp.py: one forward and one recompute per chunk)
+replaces `layer.mlp` modules *in the user's model instance* by a wrapper, checkpointing uses transformers' own switch, and checkpoint
 offload is a `saved_tensors_hooks` context the trainer wraps around the decoder forward.
 
 The fourth feature, tiled logits + log-softmax, lives in `runtime.losses.token_logprobs`
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from .tiled_mlp import TiledMLP, apply_tiled_mlp, remove_tiled_mlp  # noqa: F401 — TiledMLP re-exported
 
 DEFAULT_LOSS_CHUNK = 1024
 """Tokens per tiled-loss chunk: 1024 × 152k vocab × 4 B ≈ 0.6 GiB per fp32 logits copy (3 copies live)."""
@@ -102,96 +103,6 @@ def resolve_mlp_chunks(features: MemoryFeatures, shard_tokens: int, hidden_size:
     if features.tiled_mlp_chunks == AUTO:
         return mlp_chunks_for(shard_tokens, hidden_size)
     return int(features.tiled_mlp_chunks)
-
-
-class TiledMLP(nn.Module):
-    """Runs the wrapped MLP over `num_chunks` sequence chunks, each under activation checkpointing.
-
-    x [..., s, h] → tensor_split along s into exactly `num_chunks` pieces (sizes differ by ≤ 1, empty pieces
-    when s < num_chunks, so every rank makes the same number of MLP calls) → mlp(piece) → cat → [..., s, h].
-    With gradients on, each piece's [tokens × intermediate] activations exist only while that piece is
-    computed, in forward and again in backward (recompute). Without gradients (a reference forward) the
-    pieces just run one after another. The MLP is position-wise, so the result equals mlp(x) exactly.
-
-    State-dict keys stay those of the unwrapped model (`layers.0.mlp.gate_proj.weight`, not
-    `layers.0.mlp.mlp.gate_proj.weight`), so checkpoints load into and from plain transformers models;
-    `named_parameters()` does show the extra `.mlp`.
-    """
-
-    def __init__(self, mlp: nn.Module, num_chunks: int) -> None:
-        super().__init__()
-        self.mlp = mlp
-        self.num_chunks = num_chunks
-        self.register_state_dict_post_hook(_drop_inner_prefix)
-        self.register_load_state_dict_pre_hook(_add_inner_prefix)
-
-    @property
-    def num_chunks(self) -> int:
-        return self._num_chunks
-
-    @num_chunks.setter
-    def num_chunks(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"TiledMLP num_chunks must be an int >= 1, got {n!r}")
-        self._num_chunks = n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pieces = torch.tensor_split(x, self.num_chunks, dim=-2)  # num_chunks × [..., ~s/num_chunks, h]
-        if torch.is_grad_enabled():
-            outs = [checkpoint(self.mlp, p, use_reentrant=False) for p in pieces]
-        else:
-            outs = [self.mlp(p) for p in pieces]
-        return torch.cat(outs, dim=-2)  # [..., s, h]
-
-    def extra_repr(self) -> str:
-        return f"num_chunks={self.num_chunks}"
-
-
-def _drop_inner_prefix(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict post-hook: `<prefix>mlp.<rest>` → `<prefix><rest>` (the wrapped module's own keys)."""
-    inner = prefix + "mlp."
-    for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-
-
-def _add_inner_prefix(module, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: `<prefix><rest>` → `<prefix>mlp.<rest>`, undoing `_drop_inner_prefix`."""
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "mlp.")]:
-        state_dict[prefix + "mlp." + key[len(prefix):]] = state_dict.pop(key)
-
-
-def _mlp_owners(model: nn.Module) -> list[nn.Module]:
-    """Modules with an `mlp` child module (the decoder layers of Qwen2/Llama-style models)."""
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "mlp", None), nn.Module) and not isinstance(m, TiledMLP)]
-
-
-def apply_tiled_mlp(model: nn.Module, num_chunks: int) -> int:
-    """Wrap every decoder layer's `mlp` in `TiledMLP(mlp, num_chunks)` (or update the count if wrapped).
-
-    Module replacement in this model instance only; transformers' classes are untouched. Returns how many
-    layers are tiled. `num_chunks` must come from the global shard length (`mlp_chunks_for`), not local data.
-    """
-    owners = _mlp_owners(model)
-    if not owners:
-        raise ValueError(f"{type(model).__name__} has no submodule with an `mlp` child; tiled MLP needs "
-                         "Qwen2/Llama-style decoder layers (layer.mlp)")
-    for owner in owners:
-        if isinstance(owner.mlp, TiledMLP):
-            owner.mlp.num_chunks = num_chunks
-        else:
-            owner.mlp = TiledMLP(owner.mlp, num_chunks)
-    return len(owners)
-
-
-def remove_tiled_mlp(model: nn.Module) -> int:
-    """Undo `apply_tiled_mlp`: put the original MLP modules back. Returns how many were unwrapped."""
-    n = 0
-    for owner in _mlp_owners(model):
-        if isinstance(owner.mlp, TiledMLP):
-            owner.mlp = owner.mlp.mlp
-            n += 1
-    return n
 
 
 # ---------------------------------------------------------------------------------- checkpointing + offload

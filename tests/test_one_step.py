@@ -53,3 +53,33 @@ def test_reference_forward_runs_before_the_policy_forward():
     trainer.policy.register_forward_hook(lambda *_: order.append("policy"))
     trainer.step(0)
     assert order[:2] == ["ref", "policy"]
+
+
+def _count_mlp_calls(model) -> dict[int, list[int]]:
+    """layer index → [tokens of each call of that layer's (inner) MLP module], filled while the model runs."""
+    calls: dict[int, list[int]] = {}
+    for i, layer in enumerate(model.model.layers):
+        inner = layer.mlp.mlp if type(layer.mlp).__name__ == "TiledMLP" else layer.mlp
+        calls[i] = []
+        inner.register_forward_pre_hook(lambda m, args, i=i: calls[i].append(args[0].shape[-2]))
+    return calls
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_tiled_mlp_runs_each_chunk_once_forward_and_once_in_backward(stage, ckpt):
+    """Issue 10 §2: with layer checkpointing and the tiled MLP, one step calls each layer's MLP 2 × chunks times
+    (forward + one recompute per chunk; the old per-chunk checkpoint made it 3 × chunks − 1: the layer recompute
+    re-ran chunks before its early stop); the no-grad DPO reference calls it chunks times."""
+    chunks = 4
+    cfg = from_dict({"model_name_or_path": "tiny", "stage": stage, "cutoff_len": 40, "max_samples": 1,
+                     "dataset": "synthetic-full", "dtype": "float32", "device": "cpu", "max_steps": 1,
+                     "tiled_mlp_chunks": chunks, "gradient_checkpointing": ckpt})
+    trainer = Trainer(cfg)
+    policy = _count_mlp_calls(trainer.model)
+    ref = _count_mlp_calls(trainer.ref_model.lm) if stage == "dpo" else {}
+    trainer.step(0)
+    for calls in policy.values():
+        assert len(calls) == 2 * chunks and calls[:chunks] == calls[chunks:], calls
+    for calls in ref.values():
+        assert len(calls) == chunks, calls
