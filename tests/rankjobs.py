@@ -114,3 +114,12 @@ def step_comm_bytes(info, cfg_values: dict):
     finally:
         pc.destroy()
     return m["sp_comm_bytes"], m["rank_tokens"], trainer.ulysses
+
+
+def train_refusing_packed(info, cfg_values: dict, capture_grads: bool = False):
+    """A fake implementation that raises its own error on packed rows (the harness must call it 'refused')."""
+    if cfg_values["packing"]:
+        raise NotImplementedError("fake-impl: packed sequences are not supported")
+    from spbench.common.jobs import train_on_rank
+
+    return train_on_rank(info, cfg_values, capture_grads)

@@ -192,7 +192,16 @@ def _run_case(c: Case, pool: RankPool, device: str, deepspeed, refs: dict, sp_jo
         return judge_case(c, refs[key], pool.run(sp_job, sp_cfg, not c.zero)[0])
     except RankError as e:
         print(str(e), file=sys.stderr)
-        return error_result(c, str(e).splitlines()[0] + " (see stderr)")
+        return error_result(c, str(e).splitlines()[0] + raised_by(e) + " (see stderr)")
+
+
+def raised_by(e: RankError) -> str:
+    """": ExceptionType: message" of the first rank that raised (its traceback's last line), or "" if none raised."""
+    for rank in sorted(e.errors):
+        lines = [line for line in e.errors[rank].strip().splitlines() if line.strip()]
+        if lines:
+            return f": {lines[-1].strip()}"
+    return ""
 
 
 def _log_case(log, res: dict, done: int, total: int) -> None:

@@ -22,6 +22,7 @@ COMMANDS = {
     "check-attention": ("check_attention", "check an SP attention strategy against a single-process oracle"),
     "report": ("report", "render results files as Markdown tables and PNG plots"),
     "gate": ("gate", "fail (exit 1) when parity results regress against a baseline"),
+    "compare": ("compare", "other SP implementations through the parity harness: pass / wrong / refused per case"),
     "models": ("models", "list model presets"),
     "gpu-check": ("gpu_check", "one prepared run of GPU checks on one H100/H200 within a time budget"),
 }

@@ -17,6 +17,8 @@ MEMTRACE = "spbench.memtrace/1"
 MEASUREMENTS = "spbench.measurements/1"
 """Stored GPU measurements the memory model is checked against (reports/measurements/)."""
 
+COMPARE = "spbench.compare/1"
+"""`spbench compare`: a verdict per implementation and case, with every adapter's versions (compare/report.py)."""
 MUTANTS = "spbench.mutants/1"
 """The mutant list (spbench/suites/mutants.toml) and the results of `python -m spbench.check.mutants`."""
 

@@ -1,0 +1,60 @@
+"""`spbench compare [--impl spbench,...] [--suite ci]`: SP implementations through the same parity harness.
+
+Each implementation (spbench/compare/adapters.py) trains every case of the suite its own way on the suite's ranks,
+against the same SP-off reference and tolerances; each case gets a verdict: pass, wrong (the error size, or a hang)
+or refused (the implementation's own reason). Results JSON (with every adapter's package versions) and report.md
+go to --out (default out/compare). Exit 0 when every case ran to a verdict, whatever the verdicts.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from ..common.errors import UsageError, need_positive
+from ..common.results import provenance, writable_folder, write_json_atomic
+
+EPILOG = """examples:
+  spbench compare                          # every adapter on the ci suite, results in out/compare
+  spbench compare --impl spbench --case sft-ulysses-sp2,packed-sft-zigzag-sp4
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--impl", help="comma-separated implementations (default: every adapter; see --list)")
+    p.add_argument("--list", action="store_true", help="list the implementations and exit")
+    p.add_argument("--suite", default="ci", help="shipped suite name or a .toml path (default ci)")
+    p.add_argument("--case", metavar="NAME[,NAME...]", help="run only these cases of the suite")
+    p.add_argument("--out", default="out/compare", help="results JSON and report.md go here (default out/compare)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before a case's ranks are killed")
+
+
+def run(args) -> int:
+    from ..check.cases import load_suite, select
+    from ..compare.adapters import IMPLEMENTATIONS
+    from ..compare.report import compare_doc, render
+
+    need_positive(timeout=args.timeout)
+    if args.list:
+        for name, impl in IMPLEMENTATIONS.items():
+            print(f"{name:16} {', '.join(impl.packages)}")
+        return 0
+    names = args.impl.split(",") if args.impl else list(IMPLEMENTATIONS)
+    unknown = [n for n in names if n not in IMPLEMENTATIONS]
+    if unknown:
+        raise UsageError(f"--impl {','.join(unknown)}: unknown; `spbench compare --list` shows {', '.join(IMPLEMENTATIONS)}")
+    suite, cases = load_suite(args.suite)
+    cases = select(cases, args.case) if args.case else cases
+    out = writable_folder(args.out, "--out")
+    (out / "compare.json").unlink(missing_ok=True)  # present means complete
+    from ..compare.run import compare
+
+    t0 = time.perf_counter()
+    impls = [IMPLEMENTATIONS[n] for n in names]
+    rows = compare(impls, cases, log=lambda m: print(m, file=sys.stderr), timeout=args.timeout)
+    prov = provenance(" ".join(["spbench", *sys.argv[1:]]), "gloo", max(c.world for c in cases), 0,
+                      time.perf_counter() - t0)
+    doc = compare_doc(suite, impls, rows, prov)
+    (out / "report.md").write_text(render(doc), encoding="utf-8")
+    write_json_atomic(out / "compare.json", doc)
+    print(f"compare: {len(rows)} verdicts; {out / 'compare.json'}, {out / 'report.md'}")
+    return 0

@@ -1,0 +1,47 @@
+"""An SP implementation behind one small interface, so the parity suite runs *it* in place of the runtime's SP path.
+
+An adapter says which cases the implementation takes (`refuses(case)` → its reason, before anything runs), and runs
+one case's SP side on the suite's ranks (`sp_job(info, cfg_values, capture_grads)` → the same dict as
+`spbench.common.jobs.train_on_rank`: per-step metrics, step gradients, attention name). The SP-off reference, the
+cases and the tolerances stay the harness's own, so every implementation is judged by the same numbers.
+An exception the implementation raises while running is read as its refusal, with its own message.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..check.cases import Case
+from ..common.jobs import train_on_rank
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One SP implementation: its name, the packages it comes from (their versions go into the results), the
+    features it documents, the cases it declines up front, and the rank job that trains a case its way."""
+
+    name: str
+    packages: tuple[str, ...]
+    sp_job: Callable
+    refuses: Callable[[Case], str | None] = lambda case: None
+    features: dict = field(default_factory=dict)
+
+    def versions(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for pkg in self.packages:
+            try:
+                out[pkg] = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                out[pkg] = None
+        return out
+
+
+SPBENCH = Implementation(
+    name="spbench", packages=("spbench", "torch", "transformers"), sp_job=train_on_rank,
+    features={"strategies": ["ulysses", "ring", "zigzag", "hybrid", "allgather"], "gqa": "any kv_heads (replicated "
+              "up to the Ulysses degree)", "packing": "yes, never across documents", "dpo": ["sigmoid", "ipo", "simpo",
+              "hinge"], "zero": [2, 3], "lora": True})
+
+IMPLEMENTATIONS = {impl.name: impl for impl in (SPBENCH,)}
+"""The adapters `spbench compare` can run (more come as adapters land: DeepSpeed ALST, HF accelerate, ms-swift)."""
