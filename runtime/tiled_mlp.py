@@ -124,6 +124,7 @@ class _Pieces(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tiled: "TiledMLP"):
+        x = x.detach()  # pieces of x itself would be views that report requires_grad but have no grad_fn
         return run_pieces(tiled.mlp, x, tiled.num_chunks)
 
     @staticmethod

@@ -14,6 +14,8 @@ PROBE = "spbench.probe/1"
 """The JSON line of `python -m spbench.memory.probe` / `spbench.memory.distprobe`."""
 MEMTRACE = "spbench.memtrace/1"
 """The JSON line of `python -m spbench.memory.trace`."""
+FLOPS = "spbench.flops/1"
+"""FLOPs of one Trainer.step per rank vs the analytic ideal, attention balance (memory/flops.py, reports/flops/)."""
 MEASUREMENTS = "spbench.measurements/1"
 """Stored GPU measurements the memory model is checked against (reports/measurements/)."""
 
