@@ -44,3 +44,15 @@ def test_compare_command_writes_verdicts_with_versions(tmp_path, capsys):
     assert doc["schema"] == "spbench.compare/1" and doc["implementations"]["spbench"]["versions"]["torch"]
     assert [(r["impl"], r["case"], r["verdict"]) for r in doc["rows"]] == [("spbench", "sft-ulysses-sp2", "pass")]
     assert "| spbench |" in (tmp_path / "report.md").read_text() and doc["provenance"]["command"].startswith("spbench")
+
+
+def test_deepspeed_alst_attention_verdicts(pools):
+    """DeepSpeed ALST's UlyssesSPAttentionHF equals SP off on plain rows (GQA kv 2 < SP 4 replicated included), is
+    wrong on packed rows (SDPA without a mask attends across documents), and declines ring."""
+    from spbench.compare.alst import DEEPSPEED_ALST
+
+    cases = select(load_suite("ci")[1], "sft-ulysses-sp4,packed-sft-ulysses-sp4,sft-ring-sp2")
+    rows = {r["case"]: r for r in compare([DEEPSPEED_ALST], cases, log=lambda m: None, pools={w: pools(w) for w in (2, 4)})}
+    assert {k: r["verdict"] for k, r in rows.items()} == {"sft-ulysses-sp4": "pass", "packed-sft-ulysses-sp4": "wrong",
+                                                          "sft-ring-sp2": "refused"}
+    assert rows["packed-sft-ulysses-sp4"]["metrics"]["max_loss_rel_err"] > 1e-4

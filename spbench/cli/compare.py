@@ -30,10 +30,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..check.cases import load_suite, select
-    from ..compare.adapters import IMPLEMENTATIONS
+    from ..compare.adapters import implementations
     from ..compare.report import compare_doc, render
 
     need_positive(timeout=args.timeout)
+    IMPLEMENTATIONS = implementations()
     if args.list:
         for name, impl in IMPLEMENTATIONS.items():
             print(f"{name:16} {', '.join(impl.packages)}")

@@ -8,7 +8,7 @@ from runtime.train import Trainer, context_for
 
 
 def train_on_rank(info, cfg_values: dict, capture_grads: bool = False, on_step=None,
-                  checkpoints: bool = False) -> dict | None:
+                  checkpoints: bool = False, setup=None) -> dict | None:
     """Train with `cfg_values` on this rank; rank 0 returns {"metrics": [...], "grads": {...} | None, "grad_step", "eval": [...]}.
 
     `on_step(metrics)` runs on rank 0 after each step; `checkpoints`: save and resume as the config says
@@ -19,6 +19,8 @@ def train_on_rank(info, cfg_values: dict, capture_grads: bool = False, on_step=N
     pc = context_for(cfg)
     try:
         trainer = Trainer(cfg, pc)
+        if setup is not None:  # an adapter of another SP implementation (spbench/compare) swaps its part in here
+            setup(trainer, pc)
         history = trainer.train(on_step=on_step if info.rank == 0 else None, capture_grads=capture_grads,
                                 checkpoints=checkpoints)
     finally:

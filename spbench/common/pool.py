@@ -141,6 +141,7 @@ class RankPool:
         for box in self._inboxes:
             box.put((fn, args))
         results: dict[int, Any] = {}
+        name = getattr(fn, "__name__", type(fn).__name__)  # a functools.partial has none
         deadline = time.monotonic() + (timeout or self.timeout)
         while len(results) < self.world:
             try:
@@ -148,15 +149,15 @@ class RankPool:
             except queue.Empty:
                 if any(p.exitcode is not None for p in self._procs):
                     errors: dict[int, str] = {}
-                    raise RankError(self._failure_report(fn.__name__, errors), errors)
+                    raise RankError(self._failure_report(name, errors), errors)
                 if time.monotonic() > deadline:
                     self.close(kill=True)
-                    raise RankError(f"{fn.__name__} timed out after {timeout or self.timeout:.0f} s on {self.world} ranks "
+                    raise RankError(f"{name} timed out after {timeout or self.timeout:.0f} s on {self.world} ranks "
                                     f"({sorted(set(range(self.world)) - set(results))} did not finish)")
                 continue
             if not ok:
                 errors = {rank: value}
-                raise RankError(self._failure_report(fn.__name__, errors), errors)
+                raise RankError(self._failure_report(name, errors), errors)
             results[rank] = value
         return [results[r] for r in range(self.world)]
 

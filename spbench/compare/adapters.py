@@ -43,5 +43,10 @@ SPBENCH = Implementation(
               "up to the Ulysses degree)", "packing": "yes, never across documents", "dpo": ["sigmoid", "ipo", "simpo",
               "hinge"], "zero": [2, 3], "lora": True})
 
-IMPLEMENTATIONS = {impl.name: impl for impl in (SPBENCH,)}
-"""The adapters `spbench compare` can run (more come as adapters land: DeepSpeed ALST, HF accelerate, ms-swift)."""
+
+
+def implementations() -> dict[str, Implementation]:
+    """The adapters `spbench compare` can run, by name (more come as adapters land: HF accelerate, ms-swift, verl)."""
+    from .alst import DEEPSPEED_ALST
+
+    return {impl.name: impl for impl in (SPBENCH, DEEPSPEED_ALST)}
