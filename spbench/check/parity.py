@@ -12,6 +12,7 @@ against an independent one.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -198,9 +199,10 @@ def _run_case(c: Case, pool: RankPool, device: str, deepspeed, refs: dict, sp_jo
 def raised_by(e: RankError) -> str:
     """": ExceptionType: message" of the first rank that raised (its traceback's last line), or "" if none raised."""
     for rank in sorted(e.errors):
-        lines = [line for line in e.errors[rank].strip().splitlines() if line.strip()]
-        if lines:
-            return f": {lines[-1].strip()}"
+        lines = [line.strip() for line in e.errors[rank].strip().splitlines() if line.strip()]
+        raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]  # not a message's tail
+        if raised or lines:
+            return f": {(raised or lines)[-1]}"
     return ""
 
 

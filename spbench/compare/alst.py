@@ -31,9 +31,12 @@ def use_alst_attention(trainer, pc) -> None:
     from runtime.attention.hf import ATTN_NAME
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # its collectives go through deepspeed.comm
-    mc, sp = trainer.model.config, trainer.cfg.sequence_parallel_size
+    cfg = trainer.cfg
+    mc, sp = trainer.model.config, cfg.sequence_parallel_size
     heads, kv = mc.num_attention_heads, mc.num_key_value_heads
-    uattn = UlyssesSPAttentionHF(attn=sdpa_attention_forward, batch_size=trainer.cfg.rows_per_micro_batch,
+    # tensor rows per micro-batch: a packed DPO row holds its pair, an unpacked one is two rows
+    rows = cfg.per_device_train_batch_size if cfg.packing else cfg.rows_per_micro_batch
+    uattn = UlyssesSPAttentionHF(attn=sdpa_attention_forward, batch_size=rows,
                                  attn_head_count=heads, attn_head_size=mc.hidden_size // heads, kv_head_count=kv,
                                  num_hidden_layers=mc.num_hidden_layers, process_group=pc.sp_group,
                                  seq_length_is_variable=True)

@@ -24,9 +24,12 @@ def render(doc: dict) -> str:
         counts = Counter(r["verdict"] for r in doc["rows"] if r["impl"] == name)
         versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         lines.append(f"| {name} | {versions} | {counts['pass']} | {counts['wrong']} | {counts['refused']} |")
-    others = [r for r in doc["rows"] if r["verdict"] != "pass"]
-    lines += ["", "Verdicts other than pass:" if others else "Every case passed.", ""]
-    if others:
-        lines += ["| implementation | case | verdict | cause |", "|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['case']} | {r['verdict']} | {r['cause']} |" for r in others]
+    groups: dict[tuple, list[str]] = {}  # cases that share implementation, verdict and cause: one row
+    for r in doc["rows"]:
+        if r["verdict"] != "pass":
+            groups.setdefault((r["impl"], r["verdict"], r["cause"]), []).append(r["case"])
+    lines += ["", "Verdicts other than pass:" if groups else "Every case passed.", ""]
+    if groups:
+        lines += ["| implementation | verdict | cause | cases |", "|---|---|---|---|"]
+        lines += [f"| {impl} | {v} | {cause} | {', '.join(cases)} |" for (impl, v, cause), cases in groups.items()]
     return "\n".join(lines) + "\n"
