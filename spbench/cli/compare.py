@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..check.cases import load_suite, select
-    from ..compare.adapters import implementations
+    from ..compare.registry import implementations
     from ..compare.report import compare_doc, render
 
     need_positive(timeout=args.timeout)

@@ -42,11 +42,3 @@ SPBENCH = Implementation(
     features={"strategies": ["ulysses", "ring", "zigzag", "hybrid", "allgather"], "gqa": "any kv_heads (replicated "
               "up to the Ulysses degree)", "packing": "yes, never across documents", "dpo": ["sigmoid", "ipo", "simpo",
               "hinge"], "zero": [2, 3], "lora": True})
-
-
-
-def implementations() -> dict[str, Implementation]:
-    """The adapters `spbench compare` can run, by name (more come as adapters land: HF accelerate, ms-swift, verl)."""
-    from .alst import DEEPSPEED_ALST
-
-    return {impl.name: impl for impl in (SPBENCH, DEEPSPEED_ALST)}
