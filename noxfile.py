@@ -50,3 +50,25 @@ def mutants(session: nox.Session) -> None:
     attention check (tens of minutes; not in the default sessions). Example: nox -s mutants -- --only M03"""
     install(session)
     session.run("python", "-m", "spbench.check.mutants", *session.posargs)
+
+
+def compare_adapter(session: nox.Session, impl: str, extra: str) -> None:
+    """One adapter in a venv of its own: torch (CPU build as `install`), this project with [test] and the adapter's
+    extra (the package and the transformers it pins); its adapter tests, then `spbench compare --impl IMPL --suite ci`."""
+    install(session, "test", extra)
+    session.run("pytest", f"tests/test_compare_{extra}.py", "-q")
+    session.run("spbench", "compare", "--impl", impl, "--suite", "ci", "--out", f"out/compare-{extra}", *session.posargs)
+
+
+@nox.session(name="compare-swift")
+def compare_swift(session: nox.Session) -> None:
+    """ms-swift's Ulysses attention through the ci suite (its own venv: ms-swift pins transformers < 5.20); results in
+    out/compare-swift. Example: nox -s compare-swift -- --case sft-ulysses-sp2"""
+    compare_adapter(session, "ms-swift-ulysses", "swift")
+
+
+@nox.session(name="compare-verl")
+def compare_verl(session: nox.Session) -> None:
+    """verl's Ulysses (its flash-attention patch, and its all-to-alls around SDPA) through the ci suite (its own
+    venv: verl pins transformers < 5.11); results in out/compare-verl. Example: nox -s compare-verl -- --case sft-ulysses-sp4"""
+    compare_adapter(session, "verl-ulysses,verl-ulysses-sdpa", "verl")
