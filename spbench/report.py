@@ -1,6 +1,6 @@
 """Rendering results files as report.md with Markdown tables and PNG plots (`spbench report`, cli/report.py, and
-`spbench parity` call `render`): a section per parity (spbench.results/1), max-length (spbench.maxlen/1) or
-GPU-check (spbench.gpu-check/1) file, each followed by its provenance."""
+`spbench parity` call `render`): a section per parity (spbench.results/1), max-length (spbench.maxlen/1),
+GPU-check (spbench.gpu-check/1) or comparison (spbench.compare/1) file, each followed by its provenance."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ from pathlib import Path
 from .check.tolerances import rel_errors
 from .common.errors import UsageError
 from .common.results import load_results, writable_folder, write_bytes_atomic, write_text_atomic
-from .common.schemas import GPU_CHECK, MAXLEN, PARITY
+from .common.schemas import COMPARE, GPU_CHECK, MAXLEN, PARITY
 from .common.table import strategy_label
 
 ERR_FLOOR = 1e-18  # log-scale error plot: an exact match (error 0) is drawn at this floor
@@ -23,7 +23,7 @@ def render(paths, out_dir) -> Path:
     """Write report.md and its PNGs into `out_dir`, one section per results file; returns report.md's path."""
     if not paths:
         raise UsageError("no results files given; pass at least one RESULTS.json")
-    docs = [(Path(p), load_results(p, (PARITY, MAXLEN, GPU_CHECK))) for p in paths]  # all valid first
+    docs = [(Path(p), load_results(p, (PARITY, MAXLEN, GPU_CHECK, COMPARE))) for p in paths]  # all valid first
     out = writable_folder(out_dir, "--out")
     # everything is written into a hidden folder first and moved in at the end: a report that fails half-way
     # leaves no plots without their report.md
@@ -35,6 +35,8 @@ def render(paths, out_dir) -> Path:
                 lines += _parity_section(doc, path, staging, prefix=f"{i}-{_slug(path.stem)}")
             elif doc["schema"] == GPU_CHECK:
                 lines += _gpu_check_section(doc, path)
+            elif doc["schema"] == COMPARE:
+                lines += _compare_section(doc, path)
             else:
                 lines += _maxlen_section(doc, path)
             lines += _provenance(doc.get("provenance") or {})
@@ -42,6 +44,15 @@ def render(paths, out_dir) -> Path:
         for f in sorted(staging.iterdir(), key=lambda f: f.name == "report.md"):  # report.md last
             os.replace(f, out / f.name)
     return out / "report.md"
+
+
+def _compare_section(doc: dict, path: Path) -> list[str]:
+    """`spbench compare`'s own report.md (compare/report.py), its headings one level down, under the file name."""
+    from .compare.report import render as render_compare
+
+    body = render_compare(doc).splitlines()
+    return [f"## Comparison ({path.name}): {body[0].lstrip('# ')}", *("#" + x if x.startswith("#") else x
+                                                                         for x in body[1:])]
 
 
 def _parity_section(doc: dict, path: Path, out: Path, prefix: str) -> list[str]:

@@ -190,7 +190,9 @@ def _run_case(c: Case, pool: RankPool, device: str, deepspeed, refs: dict, sp_jo
         if key not in refs:
             refs[key] = run_reference(c, device)
         sp_cfg = c.train_config(sp_on=True, device=device, deepspeed=deepspeed).to_dict()
-        return judge_case(c, refs[key], pool.run(sp_job, sp_cfg, not c.zero)[0])
+        t0 = time.perf_counter()  # the SP run alone (wall_s also holds the reference when it is not cached)
+        sp = pool.run(sp_job, sp_cfg, not c.zero)[0]
+        return {**judge_case(c, refs[key], sp), "sp_wall_s": round(time.perf_counter() - t0, 3)}
     except RankError as e:
         print(str(e), file=sys.stderr)
         return error_result(c, str(e).splitlines()[0] + raised_by(e) + " (see stderr)")

@@ -24,5 +24,5 @@ COMPARE = "spbench.compare/1"
 MUTANTS = "spbench.mutants/1"
 """The mutant list (spbench/suites/mutants.toml) and the results of `python -m spbench.check.mutants`."""
 
-ENTRIES = {PARITY: "cases", MAXLEN: "rows", GPU_CHECK: "steps"}
-"""The list each results schema that `spbench report` reads holds its entries in."""
+ENTRIES = {PARITY: "cases", MAXLEN: "rows", GPU_CHECK: "steps", COMPARE: "rows"}
+"""The list each results schema that `spbench report` (and `spbench gate`) reads holds its entries in."""

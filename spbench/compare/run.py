@@ -38,5 +38,6 @@ def compare(impls: list[Implementation], cases: list[Case], log=print, **run_kw)
                              "metrics": {}})
                 continue
             r = results[c.name]
-            rows.append({"impl": impl.name, "case": c.name, **verdict(r), "metrics": r["metrics"]})
+            rows.append({"impl": impl.name, "case": c.name, **verdict(r), "metrics": r["metrics"],
+                         "sp_wall_s": r.get("sp_wall_s")})
     return rows
