@@ -1,0 +1,77 @@
+"""DeepSpeed ALST's own training path (spbench/compare/alst_engine.py) through the harness: its batches as ALST
+receives them (labels unshifted, ALST shifts them back to the harness's targets), every rank's loader as long as
+the others, the probes suite's data really holding label-free shards, and the verdicts ALST really gets under its
+DeepSpeed engine (gradients SP× too large; gloo crash on rows of different lengths; DPO and ring refused)."""
+from __future__ import annotations
+
+import torch
+
+from runtime.data import collate
+from runtime.losses import IGNORE
+from runtime.records import build_schedule, load_tokenizer
+from spbench.check.cases import load_suite, select
+from spbench.compare.alst_engine import ALST_ENGINE, ALST_ENGINE_DYNAMIC_PAD, hf_batch, rank_batches
+from spbench.compare.run import compare
+
+
+def _schedule(case):
+    cfg = case.train_config(sp_on=False)
+    return build_schedule(cfg, 1, load_tokenizer(cfg.model_name_or_path), 256), cfg
+
+
+def test_hf_batch_labels_shift_back_to_the_targets():
+    """ALST pads labels by one −100 and drops the first: that must give the harness's targets, padding included,
+    and no label may cross a packed document's boundary."""
+    case = select(load_suite("probes")[1], "packed-sft-ulysses-sp2")[0]
+    sched, _ = _schedule(case)
+    mb = collate(sched.step_units(0)[:1], 0)
+    assert mb.packed
+    b = hf_batch(mb, mb.seq_len + 3)  # [1, seq_len + 3]
+    shifted = torch.nn.functional.pad(b["labels"], (0, 1), value=IGNORE)[:, 1:]  # what UlyssesSPDataLoaderAdapter does
+    assert torch.equal(shifted[:, : mb.seq_len], mb.targets) and (shifted[:, mb.seq_len:] == IGNORE).all()
+    starts = (mb.position_ids == 0).nonzero()[:, 1]  # every document's first token predicts nothing from the last
+    assert len(starts) > 1 and (b["labels"][0, starts] == IGNORE).all()
+    assert torch.equal(b["position_ids"][0, mb.seq_len:], torch.arange(mb.seq_len, mb.seq_len + 3))
+
+
+def test_rank_batches_give_every_rank_as_many_and_keep_the_stream_order():
+    stream = list(range(7))
+    per_rank = [rank_batches(stream, 4, r) for r in range(4)]
+    assert [len(x) for x in per_rank] == [2, 2, 2, 2]
+    # the adapter yields rank 0's, 1's, 2's, 3's first batch, then their second: the stream, topped up
+    assert [per_rank[r][k] for k in range(2) for r in range(4)] == [0, 1, 2, 3, 4, 5, 6, 0]
+
+
+def test_probe_zero_label_has_label_free_shards():
+    """The zero-label probe must hold a contiguous SP-4 shard without a supervised target (else it probes nothing)."""
+    case = select(load_suite("probes")[1], "zero-label-sft-ulysses-sp4")[0]
+    sched, cfg = _schedule(case)
+    empty = 0
+    for step in range(case.steps):
+        for mb in sched.micro_batches(step, 0, 0):
+            n = -(-mb.seq_len // 4) * 4
+            shards = torch.nn.functional.pad(mb.targets, (0, n - mb.seq_len), value=IGNORE).view(-1, 4, n // 4)
+            empty += int(((shards != IGNORE).sum(-1) == 0).sum())
+    assert empty > 0
+
+
+def test_alst_engine_verdicts(pools):
+    """Measured (float64, gloo): under its DeepSpeed engine ALST's gradients are SP× too large — grad norm and every
+    parameter's gradient rel err exactly SP − 1 (1 at SP 2; 3 at SP 4 in the probes suite), the loss right but for
+    transformers' float32 loss upcast; ring and DPO refused with the reason. The dynamic-padding variant crashes in ALST's data-loader adapter on gloo when the SP
+    ranks' rows differ in length (its all_gather of unequal tensors)."""
+    probes = select(load_suite("probes")[1], "shift-sft-ulysses-sp2,seqsums-dpo-sigmoid-ulysses-sp2")
+    ring = select(load_suite("ci")[1], "sft-ring-sp2")
+    pool_map = {2: pools(2)}
+    rows = {r["case"]: r for r in compare([ALST_ENGINE], probes + ring, log=lambda m: None, pools=pool_map)}
+    assert {k: r["verdict"] for k, r in rows.items()} == {
+        "shift-sft-ulysses-sp2": "wrong", "seqsums-dpo-sigmoid-ulysses-sp2": "refused", "sft-ring-sp2": "refused"}
+    m = rows["shift-sft-ulysses-sp2"]["metrics"]
+    assert abs(m["max_grad_norm_rel_err"] - 1) < 1e-5 and abs(m["max_param_grad_rel_err"] - 1) < 1e-5, m
+    assert m["max_loss_rel_err"] < 1e-6, m  # float32 loss, right value
+    assert "grad_norm step 0: rel err 1 " in rows["shift-sft-ulysses-sp2"]["cause"]
+    assert "no preference loss" in rows["seqsums-dpo-sigmoid-ulysses-sp2"]["cause"]
+    assert "Ulysses only" in rows["sft-ring-sp2"]["cause"]
+    crash = compare([ALST_ENGINE_DYNAMIC_PAD], select(load_suite("ci")[1], "sft-ulysses-sp2"), log=lambda m: None,
+                    pools=pool_map)[0]
+    assert crash["verdict"] == "refused" and "invalid tensor size" in crash["cause"], crash
