@@ -11,6 +11,12 @@ and the same micro-batches in the order the SP-off reference consumes them (a `g
 HF's adapter makes every SP rank's batch one micro-step of the whole SP group, in SP-rank order). The loss it
 reports is read from `training_step`'s return at float64 (the Trainer's log accumulates in float32); the grad
 norm is the Trainer's logged one (DeepSpeed's). Gradients are not captured: DeepSpeed steps inside `backward`.
+
+Measured on gloo CPU ranks, 2026-12-01 (transformers 5.24.0, accelerate 1.15.0, deepspeed 0.19.8): with no ZeRO
+file DeepSpeed's engine refuses float64 gradients ("attempting to reduce an unsupported grad type: torch.float64");
+under ZeRO-2 the run completes and its grad norm is SP × SP off's (2.0000 × at SP 2, 4.0000 × at SP 4: every SP
+rank back-propagates the whole loss it all-gathered), its loss float32-rounded (transformers' causal-LM loss calls
+`logits.float()`, also on a float64 model).
 """
 from __future__ import annotations
 
