@@ -45,8 +45,8 @@ def _refuses(case) -> str | None:
         return f"ms-swift not installed ({INSTALL})"
     u, r = swift_layout(_kv_heads(case.model), case.sp)
     if strategy_of(u, r) != case.method:
-        return (f"ms-swift has no {case.method} mode: SP {case.sp} with {_kv_heads(case.model)} kv heads runs Ulysses {u} "
-                f"x ring {r} ({strategy_of(u, r)}), Ulysses = gcd(kv_heads, SP)")
+        return (f"ms-swift runs SP {case.sp} with {_kv_heads(case.model)} kv heads as Ulysses {u} x ring {r} "
+                f"({strategy_of(u, r)}), not {case.method}: Ulysses = gcd(kv_heads, SP), no strategy switch")
     if r > 1 and importlib.util.find_spec("flash_attn") is None:
         return "ms-swift ring attention (zigzag_ring_flash_attn_varlen_func) needs flash_attn, which is not installed"
     return None
