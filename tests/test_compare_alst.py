@@ -75,3 +75,25 @@ def test_alst_engine_verdicts(pools):
     crash = compare([ALST_ENGINE_DYNAMIC_PAD], select(load_suite("ci")[1], "sft-ulysses-sp2"), log=lambda m: None,
                     pools=pool_map)[0]
     assert crash["verdict"] == "refused" and "invalid tensor size" in crash["cause"], crash
+
+
+def test_alst_tiled_logits_loss_drops_factors_applied_after_it():
+    """Why the tiled probe's lm_head gradient is wrong: TiledFusedLogitsLoss back-propagates inside its forward at
+    scale 1, so a factor applied to its output (the token-count mean, the SP weighting, the engine's 1/ga) reaches
+    the hidden states' gradient but never lm_head's. (Fails when DeepSpeed changes this: then re-run the probes.)"""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False).double()
+    x = torch.randn(1, 12, 8, dtype=torch.float64, requires_grad=True)  # [rows, tokens, hidden]
+    y = torch.randint(0, 11, (1, 12))
+
+    def loss_fn(h, a, b):  # ALST passes flattened pieces: a [piece, hidden], b [piece]
+        return torch.nn.functional.cross_entropy(h(a), b, reduction="sum")
+
+    (TiledFusedLogitsLoss.apply(loss_fn, head, x, y, None, 3, [head.weight], "sum") / 5).backward()
+    tiled_w, tiled_x = head.weight.grad.clone(), x.grad.clone()
+    head.weight.grad, x.grad = None, None
+    (loss_fn(head, x[0], y[0]) / 5).backward()
+    assert torch.allclose(tiled_x, x.grad)
+    assert torch.allclose(tiled_w, 5 * head.weight.grad)

@@ -200,7 +200,9 @@ def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, 
         for step in range(steps):
             t0, lr, loss_sum, held, padded = time.perf_counter(), scheduler.get_last_lr()[0], 0.0, 0, 0
             for m in range(ga):
-                batch = {k: v.to(info.device) for k, v in next(batches).items() if torch.is_tensor(v)}
+                # ALST hands out column slices of the gathered rows (views); on a GPU the host→device copy makes
+                # them contiguous, on CPU `.to` does not, and transformers' loss `.view(-1)` rejects 2+ rows
+                batch = {k: v.to(info.device).contiguous() for k, v in next(batches).items() if torch.is_tensor(v)}
                 held += batch["input_ids"].numel()
                 padded += batch["input_ids"].numel() * sp
                 loss = sp_group_loss(shard_loss(engine, model, batch, cfg.tiled_loss_chunk), batch["shift_labels"],
