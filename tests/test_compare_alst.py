@@ -4,14 +4,22 @@ the others, the probes suite's data really holding label-free shards, and the ve
 DeepSpeed engine (gradients SP× too large; gloo crash on rows of different lengths; DPO and ring refused)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+
+import pytest
 import torch
 
 from runtime.data import collate
 from runtime.losses import IGNORE
 from runtime.records import build_schedule, load_tokenizer
 from spbench.check.cases import load_suite, select
-from spbench.compare.alst_engine import ALST_ENGINE, ALST_ENGINE_DYNAMIC_PAD, hf_batch, rank_batches
+from spbench.common.pool import RankPool
+from spbench.compare.adapters import Implementation
+from spbench.compare.alst_engine import ALST_ENGINE, ALST_ENGINE_DYNAMIC_PAD, hf_batch, rank_batches, train_with_alst_engine
 from spbench.compare.run import compare
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process SP-off references
 
 
 def _schedule(case):
@@ -40,6 +48,7 @@ def test_rank_batches_give_every_rank_as_many_and_keep_the_stream_order():
     assert [len(x) for x in per_rank] == [2, 2, 2, 2]
     # the adapter yields rank 0's, 1's, 2's, 3's first batch, then their second: the stream, topped up
     assert [per_rank[r][k] for k in range(2) for r in range(4)] == [0, 1, 2, 3, 4, 5, 6, 0]
+    assert [len(rank_batches(stream, 4, r, top_up=False)) for r in range(4)] == [2, 2, 2, 1]
 
 
 def test_probe_zero_label_has_label_free_shards():
@@ -97,3 +106,25 @@ def test_alst_tiled_logits_loss_drops_factors_applied_after_it():
     (loss_fn(head, x[0], y[0]) / 5).backward()
     assert torch.allclose(tiled_x, x.grad)
     assert torch.allclose(tiled_w, 5 * head.weight.grad)
+
+
+def test_unequal_loader_lengths_hang_alst_and_the_harness_says_so():
+    """Loaders of unequal length (3 steps at SP 2, no top-up): the rank that runs out leaves its training loop, the
+    other waits in ALST's all_gather for ever — the pool's timeout turns that into the verdict "wrong (hang)"."""
+    case = dataclasses.replace(select(load_suite("probes")[1], "shift-sft-ulysses-sp2")[0], steps=3, name="uneven")
+    impl = Implementation("alst-uneven-loaders", (), functools.partial(train_with_alst_engine, top_up=False))
+    with RankPool(2, timeout=20) as pool:
+        row = compare([impl], [case], log=lambda m: None, pools={2: pool})[0]
+    assert row["verdict"] == "wrong" and row["cause"].startswith("hang:") and "[0] did not finish" in row["cause"], row
+
+
+def test_sp_engaged_check_takes_the_adapters_attention_name():
+    """An adapter whose implementation registers itself under "sdpa" says so (sp_attention); None (its attention
+    was not found registered) fails the check, and without the key the runtime's name is required as before."""
+    from spbench.check.parity import sp_engaged_failures
+
+    case = select(load_suite("probes")[1], "shift-sft-ulysses-sp2")[0]
+    metrics = [{"rank_tokens": 24, "seq_tokens": 48, "sp_comm_bytes": 1.0}]
+    assert sp_engaged_failures(case, {"metrics": metrics, "attention": "sdpa", "sp_attention": "sdpa"}) == []
+    assert "not registered" in sp_engaged_failures(case, {"metrics": metrics, "attention": "sdpa", "sp_attention": None})[0]
+    assert "not 'spbench_sp'" in sp_engaged_failures(case, {"metrics": metrics, "attention": "sdpa"})[0]

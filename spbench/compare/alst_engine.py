@@ -76,10 +76,11 @@ def hf_batch(mb: MicroBatch, length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.nn.functional.pad(mb.input_ids, (0, pad)), "position_ids": positions, "labels": labels}
 
 
-def rank_batches(stream: list, sp: int, sp_rank: int) -> list:
+def rank_batches(stream: list, sp: int, sp_rank: int, top_up: bool = True) -> list:
     """This SP rank's loader items: stream[sp_rank], stream[sp_rank + sp], ... with the stream topped up by
-    repetition to a multiple of sp, so every rank's loader has as many (e.g. 3 items, sp 2 → [s0, s2], [s1, s0])."""
-    full = stream + [stream[i % len(stream)] for i in range(-len(stream) % sp)]
+    repetition to a multiple of sp, so every rank's loader has as many (e.g. 3 items, sp 2 → [s0, s2], [s1, s0]);
+    `top_up=False`: as they come (3 items, sp 2 → [s0, s2], [s1])."""
+    full = stream + ([stream[i % len(stream)] for i in range(-len(stream) % sp)] if top_up else [])
     return full[sp_rank::sp]
 
 
@@ -141,9 +142,13 @@ def _alst_bytes() -> float:
     return float(sum(size * rec[0] for name, sizes in raw.items() if "all_to_all" in name for size, rec in sizes.items()))
 
 
-def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, padding: str = "max_length") -> dict | None:
+def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, padding: str = "max_length",
+                           top_up: bool = True) -> dict | None:
     """Rank job: the case trained by ALST's data-loader adapter, attention, tiled compute and loss under
-    DeepSpeed's engine; rank 0 returns what `train_on_rank` returns (metrics, grads, grad_step, attention)."""
+    DeepSpeed's engine; rank 0 returns what `train_on_rank` returns (metrics, grads, grad_step, attention).
+
+    `top_up=False` gives the SP ranks' loaders the stream as it comes (unequal lengths when the step count × ga is
+    not a multiple of SP), and a rank whose loader runs out stops training, as a `for batch in loader` loop does."""
     import deepspeed
     import deepspeed.comm as dcomm
     import torch.distributed as dist
@@ -186,7 +191,7 @@ def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, 
         sp_group, sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
         stream = [mb for s in range(steps) for mb in schedule.micro_batches(s, info.rank // sp, tokenizer.pad_id)]
         items = [hf_batch(mb, fixed if padding == "max_length" else mb.seq_len)
-                 for mb in rank_batches(stream, sp, sp_rank)]
+                 for mb in rank_batches(stream, sp, sp_rank, top_up)]
         loader = UlyssesSPDataLoaderAdapter(torch.utils.data.DataLoader(items, batch_size=None), sp_rank=sp_rank,
                                             sp_group=sp_group, sp_world_size=sp, device=info.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -200,9 +205,12 @@ def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, 
         for step in range(steps):
             t0, lr, loss_sum, held, padded = time.perf_counter(), scheduler.get_last_lr()[0], 0.0, 0, 0
             for m in range(ga):
+                raw = next(batches, None)
+                if raw is None:  # this rank's loader ran out (top_up=False): its training loop ends here
+                    break
                 # ALST hands out column slices of the gathered rows (views); on a GPU the host→device copy makes
                 # them contiguous, on CPU `.to` does not, and transformers' loss `.view(-1)` rejects 2+ rows
-                batch = {k: v.to(info.device).contiguous() for k, v in next(batches).items() if torch.is_tensor(v)}
+                batch = {k: v.to(info.device).contiguous() for k, v in raw.items() if torch.is_tensor(v)}
                 held += batch["input_ids"].numel()
                 padded += batch["input_ids"].numel() * sp
                 loss = sp_group_loss(shard_loss(engine, model, batch, cfg.tiled_loss_chunk), batch["shift_labels"],
@@ -214,6 +222,8 @@ def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, 
                         grads = _full_grads(engine, model, names)
                     norm = None if cfg.deepspeed else _norm(_full_grads(engine, model, names).values())
                 engine.step()
+            if raw is None:
+                break
             norm = engine.get_global_grad_norm() if norm is None else norm
             mean = torch.tensor([loss_sum / ga], dtype=torch.float64)
             dist.all_reduce(mean)  # every SP rank holds the same value: the mean over DP replicas is sum / world
