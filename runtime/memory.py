@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -129,12 +130,18 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
 
 @dataclass
 class OffloadStats:
-    """What went through `checkpoint_offload`'s hooks: tensors packed/unpacked, bytes moved to CPU, shapes."""
+    """What went through `checkpoint_offload`'s hooks: tensors packed/unpacked, bytes moved to CPU, shapes, and
+    weak references to the CPU copies (a memory trace on CPU tells host memory from device memory by them)."""
 
     packed: int = 0
     unpacked: int = 0
     bytes: int = 0
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    host_copies: list[weakref.ref] = field(default_factory=list)
+
+    def live_host_bytes(self) -> int:
+        """Bytes of the CPU copies still alive (still saved for a backward that has not run)."""
+        return sum(t.numel() * t.element_size() for t in (r() for r in self.host_copies) if t is not None)
 
 
 @contextlib.contextmanager
@@ -159,12 +166,14 @@ def checkpoint_offload(pin_memory: bool | None = None) -> Iterator[OffloadStats]
         stats.packed += 1
         stats.bytes += t.numel() * t.element_size()
         stats.shapes.append(tuple(t.shape))
+        stats.host_copies.append(weakref.ref(host))
         return t.device, host
 
     def unpack(packed) -> torch.Tensor:
         device, host = packed
         stats.unpacked += 1
-        return host.to(device, non_blocking=pin)
+        # copy=True: a fresh device tensor also when "device" is the CPU, as on a GPU (what a CPU trace counts)
+        return host.to(device, non_blocking=pin, copy=True)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield stats

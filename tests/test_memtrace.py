@@ -1,4 +1,4 @@
-"""Traced peak memory (FakeTensorMode + MemTracker, spbench/memtrace.py) against the analytic model.
+"""Traced peak memory (FakeTensorMode + MemTracker, spbench/memory/trace.py) against the analytic model.
 
 Qwen2.5-0.5B (vocab 151,936, hidden 896, tied), SFT, bf16, one GPU, no ZeRO/offload/SP, AdamW states primed.
 Traced on this CPU box (torch 2.13.0+cpu), GiB; analytic = memmodel.peak_memory total, and total minus its
@@ -6,7 +6,7 @@ GPU-only 0.25 GiB workspace term (the trace has no cuBLAS/cuDNN workspace):
 
     features  length  traced   analytic (err)     analytic − workspace (err)
     plain     2048    6.338    6.584 (+3.9%)      6.334 (−0.1%)
-    plain     4096    9.924    10.157 (+2.3%)     9.907 (−0.2%)
+    plain     4096    9.924    10.157 (+2.4%)     9.907 (−0.2%)
     ours      2048    4.857    5.099 (+5.0%)      4.849 (−0.2%)
     ours      4096    4.968    5.194 (+4.6%)      4.944 (−0.5%)
 
@@ -29,6 +29,7 @@ from runtime.memory import MemoryFeatures
 from spbench.common.units import GiB
 from spbench.memory import model as mm
 from spbench.memory import trace as memtrace
+from spbench.memory.step import StepSpec
 
 pytestmark = pytest.mark.skipif(memtrace.available() is not None,
                                 reason=f"FakeTensorMode/MemTracker unavailable: {memtrace.available()}")
@@ -44,8 +45,12 @@ def traces() -> dict:
     """(feature set, length) → traced_peak dict, computed in 2 spawned workers (tracing is single-threaded)."""
     jobs = [(name, length) for name in ("ours", "plain") for length in sorted(LENGTHS, reverse=True)]  # longest first
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-        futures = {job: pool.submit(memtrace.traced_peak, MODEL, "sft", job[1], FEATURES[job[0]]) for job in jobs}
+        futures = {job: pool.submit(memtrace.traced_peak, _spec(*job)) for job in jobs}
         return {job: f.result() for job, f in futures.items()}
+
+
+def _spec(name: str, length: int) -> StepSpec:
+    return StepSpec(MODEL, "sft", length, FEATURES[name], dtype="bfloat16", device="cpu")
 
 
 def _analytic(name: str, length: int) -> dict:
@@ -109,8 +114,3 @@ def test_cli_prints_one_json_line_dpo_tiny(capsys):
     assert out["schema"] == memtrace.SCHEMA and out["stage"] == "dpo" and out["tokens"] == 128
     assert out["peak_bytes"] > 0 and out["peak_phase"] in ("forward", "backward", "optimizer")
     assert {"analytic_gib", "error", "error_no_workspace"} <= set(out)
-
-
-def test_checkpoint_offload_is_refused():
-    with pytest.raises(ValueError, match="checkpoint offload"):
-        memtrace.traced_peak("tiny", "sft", 64, MemoryFeatures(checkpoint_offload=True))

@@ -34,6 +34,8 @@ EPILOG = """examples:
   spbench maxlen --model qwen2.5-7b --finetuning-type full,lora       # LoRA rows next to full fine-tuning
   spbench maxlen --model qwen2.5-0.5b,qwen2.5-7b --gpus 1 --zero 0 --offload none --gpu-mem 139 --stage sft,dpo
   spbench maxlen --model qwen2.5-0.5b --gpus 1 --zero 0 --offload none --out runs/maxlen --resume   # on a GPU
+  spbench maxlen --model qwen2.5-7b --checkpoint-offload --trace search --resolution 65536   # traced on CPU
+  spbench maxlen --suite maxlen-qwen2.5 --trace check --out reports/maxlen-trace             # model vs trace, every row
 """
 
 
@@ -60,6 +62,11 @@ def add_arguments(p) -> None:
     p.add_argument("--estimate", action="store_true", help="memory-model prediction even when a GPU is present")
     p.add_argument("--emulate", action="store_true",
                    help="measure a --gpus N setup on one GPU: N gloo ranks share GPU 0, each capped at --gpu-mem")
+    p.add_argument("--trace", choices=["search", "check"],
+                   help="CPU, no GPU: each probe is the trainer's step traced on fake tensors on SP rank 0 "
+                        "(spbench/memory/traced.py; ZeRO's static terms from the model). search: bracket and bisect "
+                        "on traced peaks (rows labelled traced); check: one trace per row at the model's max length, "
+                        "model vs trace")
     p.add_argument("--resume", action="store_true", help="skip probes already in <out>/probes.jsonl")
     p.add_argument("--out", default="out/maxlen", help="directory for probes.jsonl and maxlen.json (default out/maxlen; "
                    "publish with --out reports/maxlen)")
@@ -216,6 +223,9 @@ def run(args, probe_factory=None, gpus=None) -> int:
     targets, resolution = build_targets(args)
     writable_folder(args.out, "--out")
     extra = {} if gpus is None else {"gpus": gpus}
+    if args.trace and (args.estimate or args.emulate):
+        raise UsageError("--trace runs on the CPU: it cannot be combined with --estimate or --emulate")
     return run_targets(targets, resolution, Path(args.out), _command(args), estimate=args.estimate,
                        emulate=args.emulate, resume=args.resume, probe_timeout=args.probe_timeout, as_json=args.json,
+                       trace=args.trace,
                        probe_factory=probe_factory, **extra)

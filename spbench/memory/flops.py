@@ -31,20 +31,14 @@ The table over strategies, lengths and feature sets, with provenance: `python -m
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from runtime.attention.kernels import Kernel
-from runtime.config import from_dict
 from runtime.models import model_config
-from runtime.records import build_schedule, load_tokenizer
-from runtime.train import Trainer, context_for
 
-from .step import StepSpec, prime_optimizer
+from .step import StepSpec, fake_step
 
 
 def causal_pairs(sq: int, sk: int) -> int:
@@ -120,20 +114,6 @@ def ideal_flops(spec: StepSpec, recompute_head: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the count
-@contextlib.contextmanager
-def fake_rank(rank: int, world: int) -> Iterator[None]:
-    """This process as rank `rank` of a `world`-rank fake process group (collectives do nothing)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError("a process group is already initialised; count FLOPs in a fresh process")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @dataclass
 class StepCount:
     """What one rank's step was counted at: FLOPs by source, the ideal, and the attention tally."""
@@ -158,38 +138,21 @@ class StepCount:
                 "attention_ratio": self.attention.flops / self.ideal["attention"], "by_op": self.by_op}
 
 
-def _cfg(spec: StepSpec, overrides: dict):
-    return from_dict({**spec.train_config(), "attention_kernel": "cpu-flash-split", **overrides})
-
-
 def counted_step(spec: StepSpec, rank: int = 0, overrides: dict | None = None, fake: bool = True) -> StepCount:
     """ONE `Trainer.step` of `spec` as SP rank `rank`, FLOPs counted (module doc). `overrides`: extra train
     config keys (e.g. packing); `fake=False` runs real tensors (small shapes: packed rows, whose document
     split reads the data)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = replace(spec, nproc=spec.sp, device="cpu")
-    cfg = _cfg(spec, overrides or {})
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    schedule = build_schedule(cfg, 1, tokenizer, model_config(spec.model).vocab_size)  # real data, not traced
-    micro_batches = schedule.micro_batches(0, 0, tokenizer.pad_id)
-    schedule.step_denominator(0, cfg.stage)  # memoised before the trace
     tally = AttentionTally()
-    with fake_rank(rank, spec.sp):
-        pc = context_for(cfg) if spec.sp > 1 else None
-        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-        with mode:
-            trainer = Trainer(cfg, pc, schedule=schedule)
-            prime_optimizer(trainer)
-            trainer.attention.kernel = counting_kernel(trainer.attention.kernel, tally)
-            counter = FlopCounterMode(display=False)
-            with counter:
-                metrics = trainer.step(0, micro_batches=micro_batches, read_back=False)
-        if pc is not None:
-            pc.destroy()
+    counter = FlopCounterMode(display=False)
+    overrides = {"attention_kernel": "cpu-flash-split", **(overrides or {})}
+    with fake_step(spec, rank, overrides, fake) as (trainer, micro_batches):
+        trainer.attention.kernel = counting_kernel(trainer.attention.kernel, tally)
+        with counter:
+            metrics = trainer.step(0, micro_batches=micro_batches, read_back=False)
+    chunk = trainer.cfg.tiled_loss_chunk
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    chunk = cfg.tiled_loss_chunk
     ideal = ideal_flops(spec, chunk is not None and metrics["rank_tokens"] > chunk)
     return StepCount(rank, int(counter.get_total_flops()), tally, ideal, metrics["rank_tokens"], by_op)
 

@@ -107,21 +107,25 @@ def cuda_gpus() -> tuple[int, float]:
 
 def run_targets(targets: list[Target], resolution: int, out: Path, command: str, *, estimate: bool = False,
                 emulate: bool = False, resume: bool = False, probe_timeout: float = 1800, as_json: bool = False,
+                trace: str | None = None,
                 probe_factory: Callable[[Target, str], Callable[[int], dict]] | None = None,
                 gpus: Callable[[], tuple[int, float]] = cuda_gpus) -> int:
     """Measure or estimate every target; writes <out>/maxlen.json and prints the table. `probe_factory(target,
     backend)` → probe callable and `gpus()` → (count, GiB) let tests stand in for a GPU machine."""
     t0 = time.monotonic()
-    gpus_here, device_gib = (0, 0.0) if estimate else gpus()
+    gpus_here, device_gib = (0, 0.0) if estimate or trace else gpus()
     plans = [(t, t.probe_backend(gpus_here, emulate)) for t in targets]
     for t, how in plans:  # before any probe runs: a bad setup must not cost a half-finished sweep
         if how == "gloo-cuda" and t.setup.gpus * t.setup.gpu_mem_gib > device_gib:
             raise UsageError(f"--emulate puts {t.setup.gpus} ranks on one {device_gib:.1f} GiB GPU: give --gpu-mem "
                              f"{device_gib / t.setup.gpus:.1f} or less")
     log = ProbeLog(out / "probes.jsonl")
-    rows = [_measure_or_estimate(t, how, gpus_here, resolution, log, resume, probe_timeout, probe_factory)
-            for t, how in plans]
-    backend = "cuda" if any(r["source"] == "measured" for r in rows) else "estimate"
+    if trace:
+        rows = [_trace(t, trace, resolution, log, resume) for t in targets]
+    else:
+        rows = [_measure_or_estimate(t, how, gpus_here, resolution, log, resume, probe_timeout, probe_factory)
+                for t, how in plans]
+    backend = ("fake" if trace else "cuda" if any(r["source"] == "measured" for r in rows) else "estimate")
     doc = {"schema": MAXLEN, "provenance": provenance(command, backend, 1, 0, wall_time_s=round(time.monotonic() - t0, 3)),
            "rows": rows}
     write_json_atomic(out / "maxlen.json", doc)
@@ -148,3 +152,27 @@ def _measure_or_estimate(t: Target, how: str | None, gpus_here: int, resolution:
         print(f"maxlen: {s.model} {s.stage}: resuming, {len(known)} probe(s) already done", file=sys.stderr)
     outcome = search_max_len(logged_probe(t, probe, log), start, resolution, known=known)
     return measured_row(t, outcome, resolution, how)
+
+
+def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool) -> dict:
+    """A traced row (memory/traced.py): "search" brackets and bisects on traced peaks as a GPU search does on
+    measured ones; "check" traces the estimated row once, at the model's max length."""
+    from .traced import NotTraceable, TraceProbe, check_row
+
+    row = estimate_row(t, resolution)
+    if how == "check":
+        print(f"maxlen: tracing {t.setup.model} {t.setup.stage} {t.variant} at {row['max_len']:,} ...", file=sys.stderr,
+              flush=True)
+        return check_row(row, t.setup)
+    probe = TraceProbe(t.setup)
+    try:
+        probe.check()
+    except NotTraceable as e:
+        return {**row, "trace_skipped": str(e)}
+    known = log.done(t) if resume else {}
+    outcome = search_max_len(logged_probe(t, probe, log), row["max_len"] or resolution, resolution, known=known)
+    best = outcome.best or {}
+    return _row(t, outcome.max_len, "traced", best.get("peak_gib"), predicted_gib=best.get("model_gib"),
+                failed_above=outcome.failed_above, resolution=resolution, probes=len(outcome.probes),
+                from_model=best.get("from_model"), peak_phase=best.get("peak_phase"), host_gib=best.get("host_gib"),
+                trace_s=best.get("trace_s"), estimated_max_len=row["max_len"])

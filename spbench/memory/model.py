@@ -4,7 +4,7 @@ The peak is the largest of four phases of a step, each a sum of named terms (byt
 
   reference  (DPO) static + the frozen reference model's no-grad forward (nothing stored)
   loss       static + checkpointed hidden states + final norm + logits/log-softmax and its gradient
-  layers     static + one layer's recompute + backward, SP buffers, checkpoints or the gradients so far
+  layers     static + one layer's recompute + backward (SP buffers in attention), checkpoints or the gradients
   step       static + gradients + the optimizer's temporaries
 
 Static memory follows the optimizer setup: `zero=0` is no DeepSpeed, torch AdamW on the bf16
@@ -86,8 +86,9 @@ def peak_memory(setup: Setup, length: int, shape: Shape | None = None) -> dict:
     phases = {
         "reference": base + early + t["reference_forward"] if s.stage == "dpo" else 0.0,
         "loss": base + early + t["checkpoints"] + t["final_hidden"] + t["loss"],
-        "layers": base + early + t["layer_backward"] + t["sp_buffers"]
-        + max(t["checkpoints"], t["checkpoint_one_layer"] + late),
+        # the SP buffers are part of layer_backward's attention sub-phase; at the end of a ZeRO-0 backward one
+        # layer's checkpoint is left beside the full gradients
+        "layers": base + early + t["layer_backward"] + max(t["checkpoints"], t["checkpoint_one_layer"] + late if late else 0.0),
         "step": base - t["optimizer_states"] + optimizer_bytes(s, m) + t["grads"] + t["step_temp"],
     }
     phase = max(phases, key=phases.get)

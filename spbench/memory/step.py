@@ -9,9 +9,12 @@ steady state (step ≥ 2), the regime the memory model predicts.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 
 from runtime.attention import METHODS
 from runtime.config import ATTENTION, DTYPES
@@ -72,6 +75,55 @@ def prime_optimizer(trainer) -> None:
             p.grad = torch.zeros_like(p)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def fake_rank(rank: int, world: int) -> Iterator[None]:
+    """This process as rank `rank` of a `world`-rank fake process group (collectives return at once, move nothing)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised; run a fake step in a fresh process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def fake_step(spec: StepSpec, rank: int = 0, overrides: dict | None = None, fake: bool = True) -> Iterator[tuple]:
+    """ONE step of `spec` as SP rank `rank` of `spec.sp` (DP 1), in this process: yields (trainer, micro_batches)
+    inside `FakeTensorMode` (shapes and dtypes only: a 7B model at 4M tokens allocates nothing) and, with SP, a fake
+    process group; AdamW's states primed. The caller runs `trainer.step(0, micro_batches=..., read_back=False)`.
+
+    The data (Python lists, small CPU tensors) is built first, outside the fake mode, and the step's data order
+    is memoised there. `overrides`: extra train config keys; `fake=False`: real tensors (small shapes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from runtime.config import from_dict
+    from runtime.models import model_config
+    from runtime.records import build_schedule, load_tokenizer
+    from runtime.topology import single_process_context
+    from runtime.train import Trainer, context_for
+
+    spec = replace(spec, nproc=spec.sp, device="cpu")
+    cfg = from_dict({**spec.train_config(), **(overrides or {})})
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    schedule = build_schedule(cfg, 1, tokenizer, model_config(spec.model).vocab_size)
+    micro_batches = schedule.micro_batches(0, 0, tokenizer.pad_id)
+    schedule.step_denominator(0, cfg.stage)
+    group = fake_rank(rank, spec.sp) if spec.sp > 1 else contextlib.nullcontext()
+    with group:
+        pc = context_for(cfg) if spec.sp > 1 else single_process_context()  # rank arithmetic: real tensors
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+                trainer = Trainer(cfg, pc, schedule=schedule)
+                prime_optimizer(trainer)
+                yield trainer, micro_batches
+        finally:
+            if spec.sp > 1:
+                pc.destroy()
 
 
 # ------------------------------------------------------------------------------------------------ flags

@@ -37,8 +37,16 @@ REDUCE_BUCKET_ELEMS = 500_000_000
 ZERO3_LIVE_MODULES = 2
 """ZeRO-3 gathers the module being computed plus one prefetched (largest: a layer or the embedding)."""
 
-CKPT_OFFLOAD_RESIDENT_LAYERS = 2
-"""With checkpoint offload, checkpointed hidden states on the GPU: the one in use and one in transfer."""
+RMSNORM_BACKWARD_TEMPS = 5
+"""fp32 [tokens × hidden] temporaries alive at once in the backward of transformers' RMSNorm (autograd of its
+Python forward: pow's and mean's gradients, the two multiplies', the fp32 cast's). Traced (spbench/memory/trace.py,
+qwen2.5-7b, hybrid SP 8, 2026-12-01): the step's activation peak is the last layer's post-attention RMSNorm
+backward, with exactly these five [n × h] fp32 tensors beside its saved fp32 input."""
+
+CKPT_OFFLOAD_RESIDENT_LAYERS = 0
+"""With checkpoint offload, checkpointed hidden states on the GPU at the layers' peak: none. A layer's input is
+brought back (on demand, on the compute stream) for its recompute and freed once the recompute has saved its
+own tensors; the traced peak (a post-attention RMSNorm backward, spbench/memory/trace.py) holds none."""
 
 # LoRA's own activations are neglected: per adapted linear and token, lora_B saves its r-wide input A·x (2r B; x is
 # the base layer's saved input already), so r = 8 on all 7 linears adds 7 × 2 × 8 = 112 B per token and layer,
@@ -109,12 +117,13 @@ def workspace_bytes() -> float:
 
 def host_bytes(s: Setup, m: Shape, n: int) -> float:
     """CPU memory this GPU's rank needs: offloaded optimizer (fp32 master, m, v, fp32 grads: 16 B/param/gpus),
-    offloaded weights (policy and reference), offloaded checkpoints (layers × n × h × 2 B)."""
+    offloaded weights (policy and reference), offloaded checkpoints (layers × n × h × 2 B, and the final RMSNorm's
+    saved tensors: everything saved in the decoder's forward is offloaded)."""
     b = 16.0 * _trained(s, m) / s.gpus if "optimizer" in s.offload else 0.0
     if "param" in s.offload:
         b += 2.0 * _weights(s, m) / s.gpus * (s.rows if s.finetuning == "full" else 1)
     if s.features.checkpoint_offload and s.features.gradient_checkpointing:
-        b += m.layers * n * m.hidden * ACT
+        b += (m.layers * m.hidden * ACT + norm_saved_per_token(m)) * n
     return b
 
 
@@ -125,12 +134,19 @@ def kv_heads_local(s: Setup, m: Shape) -> int:
     return max(m.kv_heads, s.ulysses) if s.ulysses > 1 else m.kv_heads
 
 
+def norm_saved_per_token(m: Shape) -> float:
+    """What one RMSNorm saves for backward, per token: its fp32 input (4h), the bf16 cast the weight multiplies
+    (2h) and the bf16 output the next linear saves (2h) (traced)."""
+    return 8 * m.hidden
+
+
 def attention_saved_per_token(s: Setup, m: Shape) -> float:
-    """What one layer's attention block saves for backward, per token: input RMSNorm (fp32 input 4h + bf16
-    output 2h), q after RoPE (2h), k and v (2·2·Hk·d), attention output (2h) and its transposed copy fed
-    to o_proj (2h), fp32 log-sum-exp (4H)."""
+    """What one layer's attention block saves for backward, per token: input RMSNorm (8h), q after RoPE (2h),
+    k and v (2·2·Hk·d), attention output (2h) and its transposed copy fed to o_proj (2h), fp32 log-sum-exp
+    (4H), RoPE's bf16 cos and sin (2·2d)."""
     h = m.hidden
-    return 6 * h + 2 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim + 2 * h + 2 * h + 4 * m.heads
+    kv = 2 * ACT * kv_heads_local(s, m) * m.head_dim
+    return norm_saved_per_token(m) + 2 * h + kv + 2 * h + 2 * h + 4 * m.heads + 2 * ACT * m.head_dim
 
 
 def mlp_saved_per_token(m: Shape) -> float:
@@ -152,21 +168,24 @@ def mlp_tokens(s: Setup, m: Shape, n: int) -> int:
 
 def layer_saved_bytes(s: Setup, m: Shape, n: int) -> float:
     """Everything one layer keeps for backward (no checkpointing): attention block, post-attention RMSNorm
-    (6h), the MLP's [× I] activations unless tiled (a tiled MLP recomputes them per chunk)."""
+    (8h), the MLP's [× I] activations unless tiled (a tiled MLP recomputes them per chunk)."""
     mlp = 0.0 if s.features.tiled_mlp_chunks is not None else mlp_saved_per_token(m) * n
-    return (attention_saved_per_token(s, m) + 6 * m.hidden) * n + mlp
+    return (attention_saved_per_token(s, m) + norm_saved_per_token(m)) * n + mlp
 
 
 def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
-    """Peak of one layer's (recompute +) backward: the attention block's saved tensors plus the larger of
-    MLP backward: post-attention RMSNorm's saved 6h, incoming and MLP-input gradients (4h), and per MLP
+    """Peak of one layer's (recompute +) backward: the attention block's saved tensors plus the largest of
+    MLP backward: post-attention RMSNorm's saved 8h, incoming and MLP-input gradients (4h), and per MLP
     token the MLP's saved 8I plus 4I of gradients;
+    post-attention RMSNorm backward: its fp32 input (4h), the residual gradient (2h), RMSNORM_BACKWARD_TEMPS fp32
+    [n × h] temporaries;
     attention backward (post-attention norm already freed): residual and output gradients, flash's fp32 dq
-    accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d)."""
+    accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d), and the SP buffers (alive in attention only)."""
     h = m.hidden
-    mlp_phase = 10 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
-    attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n
-    return attention_saved_per_token(s, m) * n + max(mlp_phase, attn_phase)
+    mlp_phase = 12 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
+    norm_phase = (4 * h + 2 * h + RMSNORM_BACKWARD_TEMPS * 4 * h) * n
+    attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n + sp_buffer_bytes(s, m, n)
+    return attention_saved_per_token(s, m) * n + max(mlp_phase, norm_phase, attn_phase)
 
 
 def checkpoint_bytes(s: Setup, m: Shape, n: int) -> float:
@@ -190,7 +209,7 @@ def loss_bytes(s: Setup, m: Shape, n: int) -> float:
     if chunk is None:
         return LOGITS_COPIES * 4 * m.vocab * n
     # Tiled, the lm_head weight gradient (vocab × hidden, 2 B) exists from the first chunk's backward on, while
-    # chunks' logits are still alive (found by the CPU trace, spbench/memtrace.py; untiled it appears after).
+    # chunks' logits are still alive (found by the CPU trace, spbench/memory/trace.py; untiled it appears after).
     return LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + 8 * n + 2 * m.vocab * m.hidden
 
 

@@ -1,0 +1,109 @@
+"""Traced peaks of a memory-model `Setup`: the trainer's step traced on CPU (memory/trace.py), composed with the
+model's terms for what a fake-tensor trace cannot run.
+
+`traced_setup_peak(setup, length)` traces ONE `Trainer.step` of the setup on SP rank 0 (without DeepSpeed) and
+returns the device peak it implies. Which parts are traced and which come from the model:
+
+* no ZeRO, no parameter/optimizer offload: everything but the CUDA workspace term (memory/terms.py WORKSPACE_GIB)
+  is the trace: weights, gradients, AdamW states and its step, activations, SP buffers, checkpoints (offloaded
+  ones counted as host memory), logits, DPO's reference forward.
+* DeepSpeed ZeRO-2/3, offload: DeepSpeed does not run on fake tensors. The trace, run as a full replica, gives the
+  peak of everything but parameters, gradients and optimizer states (`state_free_peak_gib`); the model gives the
+  static terms the ZeRO setup holds through the step (resident and gathered parameters, the reference's, optimizer
+  states, the gradient partition and bucket, workspace), and the optimizer step's phase as a whole.
+
+Rank 0 stands for every rank: for unpacked full-length rows (the maxlen data) every SP rank holds tensors of the
+same shapes under every strategy (tests/test_traced.py traces all ranks of each strategy and finds equal peaks).
+LoRA is not traced (peft cannot place its adapters on fake parameters).
+"""
+from __future__ import annotations
+
+from ..common.units import GiB
+from .model import peak_memory
+from .setup import Setup, usable_bytes
+from .step import StepSpec
+from .trace import traced_peak
+
+ZERO_STATIC_TERMS = ("params", "reference_params", "gathered_params", "optimizer_states", "grads", "workspace")
+"""The model's terms a ZeRO setup's traced peak takes from the model (memory/model.py names)."""
+
+
+class NotTraceable(ValueError):
+    """This setup cannot be traced on fake tensors (the message says why)."""
+
+
+def spec_for(setup: Setup, length: int) -> StepSpec:
+    """The StepSpec of one step of `setup` at `length` tokens per sequence, as the trace runs it (no DeepSpeed)."""
+    if setup.finetuning != "full":
+        raise NotTraceable("LoRA is not traced: peft cannot place its adapters on fake parameters")
+    if setup.batch != 1:
+        raise NotTraceable(f"batch {setup.batch}: the traced step holds one sequence (DPO: pair) per micro-batch")
+    return StepSpec(setup.model, setup.stage, length, setup.features, dtype="bfloat16", device="cpu",
+                    nproc=setup.sp, sp=setup.sp, method=setup.sp_method)
+
+
+def from_model(setup: Setup) -> tuple[str, ...]:
+    """The model terms that `traced_setup_peak` adds to the trace for `setup` (module doc)."""
+    if setup.zero == 0 and not setup.offload:
+        return ("workspace",)
+    return (*ZERO_STATIC_TERMS, "step phase")
+
+
+def traced_setup_peak(setup: Setup, length: int, rank: int = 0) -> dict:
+    """The traced device peak of `setup` at `length` (module doc) beside the model's prediction.
+
+    Returns {"length", "traced_gib", "model_gib", "error" (model / traced − 1), "fits" (traced ≤ the GPU's usable
+    memory), "from_model" (model terms added), "peak_phase", "host_gib" (offloaded checkpoints, traced),
+    "trace_s", "trace" (memory/trace.py's dict)}."""
+    trace = traced_peak(spec_for(setup, length), rank)
+    pred = peak_memory(setup, length)
+    terms = from_model(setup)
+    if terms == ("workspace",):
+        traced = trace["peak_gib"] + pred["terms"]["workspace"]
+        phase = trace["peak_phase"]
+    else:
+        static = sum(pred["terms"][t] for t in ZERO_STATIC_TERMS)
+        activations = static + trace["state_free_peak_gib"]
+        traced = max(activations, pred["phases"]["step"])
+        phase = "step (model)" if traced > activations else trace["peak_phase"]
+    return {"length": length, "traced_gib": traced, "model_gib": pred["total_gib"],
+            "error": pred["total_gib"] / traced - 1, "fits": traced * GiB <= usable_bytes(setup.gpu_mem_gib),
+            "from_model": list(terms), "peak_phase": phase, "model_phase": pred["phase"],
+            "host_gib": trace["host_peak_gib"], "trace_s": trace["trace_s"], "trace": trace}
+
+
+class TraceProbe:
+    """A `search_max_len` probe (memory/search.py) that traces instead of running on a GPU: "ok" when the traced
+    peak fits the setup's GPU, else "exceeds"; never raises for a length (a trace error is an "error" probe)."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+
+    def check(self) -> None:
+        """Raise NotTraceable (why) if this setup cannot be traced, before any probe runs."""
+        spec_for(self.setup, 1)
+
+    def __call__(self, length: int) -> dict:
+        try:
+            r = traced_setup_peak(self.setup, length)
+        except Exception as e:  # noqa: BLE001 — a failed trace is a failed probe, with its reason
+            return {"status": "error", "error": f"{type(e).__name__}: {e}"}
+        usable = usable_bytes(self.setup.gpu_mem_gib) / GiB
+        return {"status": "ok" if r["fits"] else "exceeds", "peak_gib": r["traced_gib"], "model_gib": r["model_gib"],
+                "usable_gib": usable, "from_model": r["from_model"], "peak_phase": r["peak_phase"],
+                "host_gib": r["host_gib"], "trace_s": r["trace_s"],
+                **({} if r["fits"] else {"error": f"traced peak {r['traced_gib']:.1f} GiB > usable {usable:.1f} GiB"})}
+
+
+def check_row(row: dict, setup: Setup) -> dict:
+    """`row` (an estimated maxlen row) with the trace at its max length beside the model: traced_gib, trace_error
+    (model / traced − 1), traced_phase, from_model, trace_s; or trace_skipped (why not)."""
+    if not row["max_len"]:
+        return {**row, "trace_skipped": "nothing fits: no length to trace"}
+    try:
+        r = traced_setup_peak(setup, row["max_len"])
+    except NotTraceable as e:
+        return {**row, "trace_skipped": str(e)}
+    return {**row, "traced_gib": r["traced_gib"], "trace_error": r["error"], "traced_phase": r["peak_phase"],
+            "traced_where": r["trace"]["state_free_where"] if r["from_model"] != ["workspace"] else r["trace"]["peak_where"],
+            "traced_host_gib": r["host_gib"], "from_model": r["from_model"], "trace_s": round(r["trace_s"], 1)}

@@ -1,0 +1,80 @@
+"""Traced peaks with SP (fake tensors, fake process group; issue 10 §1): every SP rank of a strategy peaks alike, so
+rank 0 stands for all; checkpoint offload's CPU copies are host memory, not device memory; a ZeRO setup's traced
+peak is the trace's state-free peak plus the model's static terms; `spbench maxlen --trace` searches on traces."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.memory import MemoryFeatures
+from spbench.cli import main
+from spbench.common.units import GiB
+from spbench.memory.model import peak_memory
+from spbench.memory.setup import Setup
+from spbench.memory.step import StepSpec
+from spbench.memory.trace import traced_peak
+from spbench.memory.traced import ZERO_STATIC_TERMS, NotTraceable, traced_setup_peak
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _spec(method: str, sp: int, length: int = 256, **features) -> StepSpec:
+    return StepSpec("tiny", "sft", length, MemoryFeatures(tiled_loss_chunk=32, tiled_mlp_chunks=4, **features),
+                    dtype="bfloat16", device="cpu", nproc=sp, sp=sp, method=method)
+
+
+@pytest.mark.parametrize("method,sp", [("zigzag", 4), ("hybrid", 4), ("ulysses", 2)])
+def test_every_sp_rank_peaks_alike(method, sp):
+    """Full-length rows: every rank holds the same shapes, so the traced peaks are equal byte for byte."""
+    peaks = [traced_peak(_spec(method, sp), rank) for rank in range(sp)]
+    assert len({p["peak_bytes"] for p in peaks}) == 1, [p["peak_bytes"] for p in peaks]
+    assert len({p["state_free_peak_gib"] for p in peaks}) == 1
+    assert all(p["tokens"] == 256 // sp for p in peaks)
+
+
+def test_checkpoint_offload_moves_the_checkpoints_to_host_memory():
+    """Offloaded, the layers' checkpointed inputs (layers × n × h × 2 B) are host memory: the host peak holds all
+    of them and the device peak drops by at least all but the two resident ones."""
+    plain, off = (traced_peak(_spec("zigzag", 4, length=4096, checkpoint_offload=o)) for o in (False, True))
+    one = 1024 * 64 * 2  # n × h × bf16
+    assert plain["host_peak_gib"] == 0
+    assert off["host_peak_gib"] * GiB >= 2 * one  # both layers' inputs saved on the host at once
+    assert (plain["state_free_peak_gib"] - off["state_free_peak_gib"]) * GiB >= one  # at least one left the device
+
+
+def test_zero3_traced_peak_is_the_state_free_trace_plus_the_models_static_terms():
+    setup = Setup("tiny", "sft", gpus=4, gpu_mem_gib=80, sp=4, zero=3, offload=frozenset({"optimizer", "param"}),
+                  features=MemoryFeatures(tiled_loss_chunk=32, tiled_mlp_chunks=4), sp_method="zigzag")
+    r = traced_setup_peak(setup, 4096)
+    terms = peak_memory(setup, 4096)["terms"]
+    assert r["from_model"] == [*ZERO_STATIC_TERMS, "step phase"]
+    static = sum(terms[t] for t in ZERO_STATIC_TERMS)
+    assert r["traced_gib"] == pytest.approx(max(static + r["trace"]["state_free_peak_gib"],
+                                                peak_memory(setup, 4096)["phases"]["step"]))
+    replica = traced_setup_peak(Setup("tiny", "sft", gpus=4, sp=4, features=setup.features, sp_method="zigzag"), 4096)
+    assert replica["from_model"] == ["workspace"]
+    assert replica["traced_gib"] == pytest.approx(replica["trace"]["peak_gib"] + terms["workspace"])
+    with pytest.raises(NotTraceable, match="LoRA"):
+        traced_setup_peak(Setup("tiny", "sft", finetuning="lora"), 256)
+
+
+def test_maxlen_trace_search_brackets_the_traced_limit(tmp_path, capsys):
+    """A 0.8 GiB GPU (0.285 GiB usable, 0.25 of it the model's workspace) and tiny at SP 2 untiled (a step's ops
+    do not grow with length): the search ends where one more step of the resolution no longer fits, on traced
+    peaks; the row says which terms came from the model."""
+    out = tmp_path / "m"
+    assert main(["maxlen", "--model", "tiny", "--gpus", "2", "--sp", "2", "--zero", "0", "--offload", "none",
+                 "--gpu-mem", "0.8", "--no-tiled-loss", "--no-tiled-mlp", "--trace", "search", "--resolution", "1024", "--out", str(out)]) == 0
+    row = json.loads((out / "maxlen.json").read_text())["rows"][0]
+    assert row["source"] == "traced" and row["from_model"] == ["workspace"] and row["max_len"] > 0
+    probes = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    by_len = {p["length"]: p["status"] for p in probes}
+    assert by_len[row["max_len"]] == "ok" and by_len[row["failed_above"]] == "exceeds"
+    assert row["failed_above"] - row["max_len"] == 1024
+    assert "traced" in capsys.readouterr().out
+
+
+def test_trace_refuses_estimate(tmp_path, capsys):
+    assert main(["maxlen", "--model", "tiny", "--trace", "check", "--estimate", "--out", str(tmp_path / "x")]) == 2
+    assert "--trace runs on the CPU" in capsys.readouterr().err
