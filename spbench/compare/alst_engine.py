@@ -270,7 +270,9 @@ def _norm(grads) -> float:
 ALST_ENGINE = Implementation(
     name="deepspeed-alst", packages=("deepspeed", "transformers", "torch"), sp_job=train_with_alst_engine,
     refuses=_refuses,
-    features={"strategies": ["ulysses"], "data": "UlyssesSPDataLoaderAdapter (labels shifted before sharding)",
+    features={"strategies": ["ulysses"], "gqa": "kv heads replicated up to SP (UlyssesSPAttentionHF)",
+              "packing": "position_ids only (the mask is dropped: SDPA attends across documents)",
+              "data": "UlyssesSPDataLoaderAdapter (labels shifted before sharding)",
               "padding": "max_length (the data's longest row rounded up to SP)", "loss": "docs' SP-weighted mean",
               "tiled": ["TiledMLP", "TiledFusedLogitsLoss"], "dpo": "none", "zero": [0, 1, 2, 3]})
 
