@@ -64,6 +64,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=_MEMORY.gradient_checkpointing, metadata={"doc": "recompute each decoder layer in backward"})
     tiled_loss_chunk: int | None = field(default=_MEMORY.tiled_loss_chunk, metadata={"doc": "tokens per logits chunk (null = full logits)"})
     tiled_mlp_chunks: int | str | None = field(default=_MEMORY.tiled_mlp_chunks, metadata={"doc": "sequence chunks per MLP call: an int, auto (≈ hidden_size tokens each over the rows × cutoff_len / SP tokens a rank holds), or null"})
+    tiled_norm_chunk: int | None = field(default=_MEMORY.tiled_norm_chunk, metadata={"doc": "tokens per RMSNorm chunk: forward bitwise transformers', backward recomputes per chunk instead of holding 5 fp32 tokens × hidden temporaries (null = transformers' RMSNorm)"})
     checkpoint_offload: bool = field(default=_MEMORY.checkpoint_offload, metadata={"doc": "keep the checkpointed hidden states in CPU memory (needs gradient_checkpointing)"})
     deepspeed: str | None = field(default=None, metadata={"doc": "path to a DeepSpeed JSON config (ZeRO-2/3, offload) or null"})
     seed: int = field(default=0, metadata={"doc": "seed of weights (presets), data order and synthetic data"})
@@ -120,7 +121,7 @@ class TrainConfig:
         need(self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown; use one of {', '.join(SCHEDULERS)}")
         need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         try:
-            self.memory_features  # noqa: B018 — MemoryFeatures validates the four memory keys
+            self.memory_features  # noqa: B018 — MemoryFeatures validates the five memory keys
         except ValueError as e:
             raise ConfigError(str(e)) from None
         need(self.attention in ATTENTION, f"attention {self.attention!r} is unknown; use one of {', '.join(ATTENTION)}")
@@ -160,7 +161,7 @@ class TrainConfig:
     def memory_features(self) -> MemoryFeatures:
         """The memory features this run uses (runtime/memory.py)."""
         return MemoryFeatures(tiled_loss_chunk=self.tiled_loss_chunk, tiled_mlp_chunks=self.tiled_mlp_chunks,
-                              checkpoint_offload=self.checkpoint_offload,
+                              tiled_norm_chunk=self.tiled_norm_chunk, checkpoint_offload=self.checkpoint_offload,
                               gradient_checkpointing=self.gradient_checkpointing)
 
     @property

@@ -1,9 +1,10 @@
-"""Runtime memory features: tiled MLP, activation checkpointing, checkpoint offload to CPU.
+"""Runtime memory features: tiled MLP, tiled RMSNorm, activation checkpointing, checkpoint offload to CPU.
 
 Each feature is switchable (`MemoryFeatures`) and exact: a step with it gives the same loss
 and gradients as without it (tests/test_memory.py checks this in float64). None of them
 patches transformers: the tiled MLP (runtime/tiled_mlp.py: one forward and one recompute per chunk)
-replaces `layer.mlp` modules *in the user's model instance* by a wrapper, checkpointing uses transformers' own switch, and checkpoint
+replaces `layer.mlp` modules *in the user's model instance* by a wrapper, the tiled RMSNorm (runtime/tiled_norm.py: its own
+chunked backward) replaces the RMSNorm modules there, checkpointing uses transformers' own switch, and checkpoint
 offload is a `saved_tensors_hooks` context the trainer wraps around the decoder forward.
 
 The fourth feature, tiled logits + log-softmax, lives in `runtime.losses.token_logprobs`
@@ -11,7 +12,7 @@ The fourth feature, tiled logits + log-softmax, lives in `runtime.losses.token_l
 
 Typical use in a trainer (shapes for one rank's shard of `shard_tokens` tokens):
 
-    features = MemoryFeatures()                          # ours: tiled loss + MLP, checkpointing
+    features = MemoryFeatures()                          # ours: tiled loss + MLP + norm, checkpointing
     prepare_model(model, features, shard_tokens, model.config.hidden_size)
     with forward_context(features):                      # checkpoint offload, if on
         hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state   # [b, s, h]
@@ -29,9 +30,13 @@ import torch
 from torch import nn
 
 from .tiled_mlp import TiledMLP, apply_tiled_mlp, remove_tiled_mlp  # noqa: F401 — TiledMLP re-exported
+from .tiled_norm import TiledRMSNorm, apply_tiled_norm, remove_tiled_norm  # noqa: F401 — TiledRMSNorm re-exported
 
 DEFAULT_LOSS_CHUNK = 1024
 """Tokens per tiled-loss chunk: 1024 × 152k vocab × 4 B ≈ 0.6 GiB per fp32 logits copy (3 copies live)."""
+
+DEFAULT_NORM_CHUNK = 4096
+"""Tokens per tiled-RMSNorm chunk: 4096 × 3584 hidden (7B) × 4 B ≈ 56 MiB per fp32 temporary (3 live in backward)."""
 
 AUTO = "auto"
 
@@ -49,6 +54,10 @@ class MemoryFeatures:
     (≈ hidden_size tokens per chunk); None: MLP untiled. It must be the same on every rank (FAULTS.md F11:
     differing counts hang ZeRO-3), so it is derived from the *global* shard length, never from local data."""
 
+    tiled_norm_chunk: int | None = DEFAULT_NORM_CHUNK
+    """Tokens per chunk of the tiled RMSNorm (`runtime.tiled_norm.TiledRMSNorm`): its backward holds one chunk's fp32
+    temporaries instead of transformers' five [tokens × hidden]; None: transformers' RMSNorm modules."""
+
     checkpoint_offload: bool = False
     """Keep the checkpointed hidden states (each decoder layer's input) in CPU memory (`checkpoint_offload()`).
     Needs gradient_checkpointing."""
@@ -61,6 +70,9 @@ class MemoryFeatures:
         c = self.tiled_loss_chunk
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise ValueError(f"tiled_loss_chunk must be null (None) or an integer >= 1, got {c!r}")
+        c = self.tiled_norm_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"tiled_norm_chunk must be null (None) or an integer >= 1, got {c!r}")
         m = self.tiled_mlp_chunks
         if m is not None and m != AUTO and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"tiled_mlp_chunks must be null (None), auto or an integer >= 1, got {m!r}")
@@ -71,11 +83,12 @@ class MemoryFeatures:
     @classmethod
     def plain(cls) -> "MemoryFeatures":
         """Plain transformers: no tiling, no offload, gradient checkpointing on (the measured baseline)."""
-        return cls(tiled_loss_chunk=None, tiled_mlp_chunks=None, checkpoint_offload=False, gradient_checkpointing=True)
+        return cls(tiled_loss_chunk=None, tiled_mlp_chunks=None, tiled_norm_chunk=None, checkpoint_offload=False,
+                   gradient_checkpointing=True)
 
     def to_json(self) -> dict:
         return {"tiled_loss_chunk": self.tiled_loss_chunk, "tiled_mlp_chunks": self.tiled_mlp_chunks,
-                "checkpoint_offload": self.checkpoint_offload, "gradient_checkpointing": self.gradient_checkpointing}
+                "tiled_norm_chunk": self.tiled_norm_chunk, "checkpoint_offload": self.checkpoint_offload, "gradient_checkpointing": self.gradient_checkpointing}
 
 
 # ----------------------------------------------------------------------------------------------- tiled MLP
@@ -185,7 +198,7 @@ def forward_context(features: MemoryFeatures) -> contextlib.AbstractContextManag
 
 
 def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int, hidden_size: int) -> int | None:
-    """Apply gradient checkpointing and the tiled MLP that `features` ask for to `model` (in place).
+    """Apply gradient checkpointing, the tiled MLP and the tiled RMSNorm that `features` ask for to `model` (in place).
 
     `shard_tokens` is the global per-rank shard length (for the "auto" MLP chunk count). Returns the MLP chunk
     count applied (None: MLP untiled).
@@ -199,4 +212,8 @@ def prepare_model(model: nn.Module, features: MemoryFeatures, shard_tokens: int,
         remove_tiled_mlp(model)
     else:
         apply_tiled_mlp(model, chunks)
+    if features.tiled_norm_chunk is None:
+        remove_tiled_norm(model)
+    else:
+        apply_tiled_norm(model, features.tiled_norm_chunk)
     return chunks

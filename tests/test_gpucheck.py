@@ -210,10 +210,10 @@ def test_full_run_writes_the_document(tmp_path, capsys):
     argv = {key: a for key, a, _ in gpu.calls}
     assert _flag(argv["maxlen"], "--length") == str(m["length"])
     assert "--gpu-mem-gib" not in argv["maxlen"]  # the device's own memory: no cap
-    assert argv["qwen2.5-7b-plain-32k"][-9:] == ["--loss-chunk", "none", "--mlp-chunks", "none",
-                                                 "--gradient-checkpointing", "--attention", "sdpa", "--steps", "2"]
-    assert argv["qwen2.5-7b-ours-32k"][-9:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto",
-                                                "--gradient-checkpointing", "--attention", "runtime", "--steps", "2"]
+    assert argv["qwen2.5-7b-plain-32k"][-11:] == ["--loss-chunk", "none", "--mlp-chunks", "none", "--norm-chunk", "none",
+                                                  "--gradient-checkpointing", "--attention", "sdpa", "--steps", "2"]
+    assert argv["qwen2.5-7b-ours-32k"][-11:] == ["--loss-chunk", "1024", "--mlp-chunks", "auto", "--norm-chunk", "4096",
+                                                 "--gradient-checkpointing", "--attention", "runtime", "--steps", "2"]
     assert _flag(argv["maxlen"], "--attention") == "runtime" and _flag(argv["maxlen"], "--steps") == "1"
     assert [_flag(argv["dist"], f) for f in ("--nproc", "--sp", "--method", "--backend", "--length")] == \
         ["2", "2", "ulysses", "gloo-cuda", "65536"]

@@ -261,7 +261,7 @@ def test_estimate_end_to_end_json(tmp_path, capsys):
 
 def test_feature_flags_and_plain_setup(tmp_path, capsys):
     maxlen.run(_parse(["--model", "qwen2.5-7b", "--estimate", "--json", "--out", str(tmp_path),
-                       "--no-tiled-loss", "--no-tiled-mlp", "--gpus", "1", "--zero", "0", "--offload", "none",
+                       "--no-tiled-loss", "--no-tiled-mlp", "--no-tiled-norm", "--gpus", "1", "--zero", "0", "--offload", "none",
                        "--gpu-mem", "139"]))
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
     assert row["variant"] == "plain" and 32_768 <= row["max_len"] < 65_536  # measured: ok at 32k, OOM at 64k

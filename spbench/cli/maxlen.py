@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, MemoryFeatures
+from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, DEFAULT_NORM_CHUNK, MemoryFeatures
 from runtime.models import ModelError, model_config
 
 from ..common.deepspeed import check_offload, parse_offload
@@ -30,7 +30,7 @@ EPILOG = """examples:
   spbench maxlen --model qwen2.5-7b                                   # 8 × 80 GiB, SP 8, ZeRO-3 + offload, estimated
   spbench maxlen --suite maxlen-qwen2.5 --json                        # the seed table, ours vs plain
   spbench maxlen --suite maxlen-qwen2.5 --out reports/maxlen          # publish it
-  spbench maxlen --model qwen2.5-7b --no-tiled-loss --no-tiled-mlp    # what plain transformers would reach
+  spbench maxlen --model qwen2.5-7b --no-tiled-loss --no-tiled-mlp --no-tiled-norm   # plain transformers
   spbench maxlen --model qwen2.5-7b --finetuning-type full,lora       # LoRA rows next to full fine-tuning
   spbench maxlen --model qwen2.5-0.5b,qwen2.5-7b --gpus 1 --zero 0 --offload none --gpu-mem 139 --stage sft,dpo
   spbench maxlen --model qwen2.5-0.5b --gpus 1 --zero 0 --offload none --out runs/maxlen --resume   # on a GPU
@@ -57,6 +57,7 @@ def add_arguments(p) -> None:
                    help="per-layer activation checkpointing (default on)")
     p.add_argument("--no-tiled-loss", action="store_true", help="full-vocabulary logits (plain transformers)")
     p.add_argument("--no-tiled-mlp", action="store_true", help="untiled MLP (plain transformers)")
+    p.add_argument("--no-tiled-norm", action="store_true", help="transformers' RMSNorm, untiled (plain transformers)")
     p.add_argument("--checkpoint-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep checkpointed hidden states in CPU memory (default off)")
     p.add_argument("--estimate", action="store_true", help="memory-model prediction even when a GPU is present")
@@ -100,7 +101,7 @@ def load_suite(name: str) -> dict:
     return doc
 
 
-VARIANT_KEYS = {"name", "tiled_loss", "tiled_mlp", "checkpoint_offload", "gradient_checkpointing", "loss_chunk",
+VARIANT_KEYS = {"name", "tiled_loss", "tiled_mlp", "tiled_norm", "checkpoint_offload", "gradient_checkpointing", "loss_chunk",
                 "finetuning", "lora_rank"}
 
 
@@ -112,6 +113,7 @@ def _variant_features(v: dict, where: str) -> MemoryFeatures:
         return MemoryFeatures(
             tiled_loss_chunk=int(v.get("loss_chunk", DEFAULT_LOSS_CHUNK)) if v.get("tiled_loss", True) else None,
             tiled_mlp_chunks=AUTO if v.get("tiled_mlp", True) else None,
+            tiled_norm_chunk=DEFAULT_NORM_CHUNK if v.get("tiled_norm", True) else None,
             checkpoint_offload=bool(v.get("checkpoint_offload", False)),
             gradient_checkpointing=bool(v.get("gradient_checkpointing", True)))
     except ValueError as e:
@@ -159,11 +161,12 @@ def build_targets(args) -> tuple[list[Target], int]:
     resolution = _int("--resolution", pick(args.resolution, "resolution", 1024))
     if resolution < 1:
         raise UsageError(f"--resolution must be >= 1 token, got {resolution}")
-    flags_given = (args.no_tiled_loss or args.no_tiled_mlp or args.checkpoint_offload is not None
+    flags_given = (args.no_tiled_loss or args.no_tiled_mlp or args.no_tiled_norm or args.checkpoint_offload is not None
                    or args.gradient_checkpointing is not None or args.finetuning_type is not None)
     if flags_given or "variants" not in suite:
         ckpt = True if args.gradient_checkpointing is None else args.gradient_checkpointing
         variant = {"name": "cli", "tiled_loss": not args.no_tiled_loss, "tiled_mlp": not args.no_tiled_mlp,
+                   "tiled_norm": not args.no_tiled_norm,
                    "checkpoint_offload": bool(args.checkpoint_offload), "gradient_checkpointing": ckpt}
         feats = _variant_features(variant, "flags")
         variants = [(_variant_name(feats) + ("+lora" if ft == "lora" else ""), feats, ft, args.lora_rank)

@@ -60,7 +60,8 @@ class StepSpec:
                 "sequence_parallel_mode": self.method, "attention": self.attention, "dtype": self.dtype,
                 "max_steps": self.steps, "learning_rate": 1e-6, "seed": self.seed,
                 "gradient_checkpointing": f.gradient_checkpointing, "tiled_loss_chunk": f.tiled_loss_chunk,
-                "tiled_mlp_chunks": f.tiled_mlp_chunks, "checkpoint_offload": f.checkpoint_offload,
+                "tiled_mlp_chunks": f.tiled_mlp_chunks, "tiled_norm_chunk": f.tiled_norm_chunk,
+                "checkpoint_offload": f.checkpoint_offload,
                 "deepspeed": self.deepspeed, "output_dir": out_dir, "device": self.device,
                 "finetuning_type": self.finetuning, "lora_rank": self.lora_rank}
 
@@ -132,7 +133,8 @@ def step_flags(spec: StepSpec) -> list[str]:
     f = spec.features
     flags = ["--model", spec.model, "--stage", spec.stage, "--length", str(spec.length),
              "--loss-chunk", "none" if f.tiled_loss_chunk is None else str(f.tiled_loss_chunk),
-             "--mlp-chunks", "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks)]
+             "--mlp-chunks", "none" if f.tiled_mlp_chunks is None else str(f.tiled_mlp_chunks),
+             "--norm-chunk", "none" if f.tiled_norm_chunk is None else str(f.tiled_norm_chunk)]
     if f.checkpoint_offload:
         flags.append("--checkpoint-offload")
     flags.append("--gradient-checkpointing" if f.gradient_checkpointing else "--no-gradient-checkpointing")
@@ -144,8 +146,9 @@ def features_from_args(args) -> MemoryFeatures:
     """The MemoryFeatures the step flags (add_step_args) ask for."""
     loss = None if args.loss_chunk == "none" else int(args.loss_chunk)
     mlp = None if args.mlp_chunks == "none" else (AUTO if args.mlp_chunks == AUTO else int(args.mlp_chunks))
-    return MemoryFeatures(tiled_loss_chunk=loss, tiled_mlp_chunks=mlp, checkpoint_offload=args.checkpoint_offload,
-                          gradient_checkpointing=args.gradient_checkpointing)
+    norm = None if args.norm_chunk == "none" else int(args.norm_chunk)
+    return MemoryFeatures(tiled_loss_chunk=loss, tiled_mlp_chunks=mlp, tiled_norm_chunk=norm,
+                          checkpoint_offload=args.checkpoint_offload, gradient_checkpointing=args.gradient_checkpointing)
 
 
 def add_feature_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +156,7 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     d = MemoryFeatures()
     p.add_argument("--loss-chunk", default=str(d.tiled_loss_chunk), help="tiled-loss chunk tokens, or 'none'")
     p.add_argument("--mlp-chunks", default=str(d.tiled_mlp_chunks), help="tiled-MLP chunks: 'auto', a count, or 'none'")
+    p.add_argument("--norm-chunk", default=str(d.tiled_norm_chunk), help="tiled-RMSNorm chunk tokens, or 'none'")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing)
 
 
