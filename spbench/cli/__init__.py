@@ -19,6 +19,7 @@ COMMANDS = {
     "parity": ("parity", "SP on vs off: loss, grad-norm, per-parameter grads, DPO quantities"),
     "faults": ("faults", "inject each known SP bug (FAULTS.md) and show which check catches it"),
     "maxlen": ("maxlen", "longest trainable sequence per model and stage (measured or estimated)"),
+    "cost": ("cost", "one step per rank on fake tensors: traced peak vs model, FLOPs/ideal, bytes/minimum, balance"),
     "check-attention": ("check_attention", "check an SP attention strategy against a single-process oracle"),
     "report": ("report", "render results files as Markdown tables and PNG plots"),
     "gate": ("gate", "fail (exit 1) when parity results regress against a baseline"),

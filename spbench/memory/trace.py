@@ -63,6 +63,7 @@ def available() -> str | None:
 
 def _tracker_class():
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+    from torch.utils.flop_counter import flop_registry
 
     states = (_MemRefType.PARAM, _MemRefType.GRAD, _MemRefType.OPT)
 
@@ -70,9 +71,11 @@ def _tracker_class():
         """MemTracker keeping the global peaks only, with the phase they happened in (see module doc);
         `host_bytes()` says how much of the CPU total is host memory (checkpoint offload's copies)."""
 
-        def __init__(self, host_bytes) -> None:
+        def __init__(self, host_bytes, count_flops: bool = False) -> None:
             super().__init__()
             self.host_bytes = host_bytes
+            self.flop_registry = flop_registry if count_flops else {}
+            self.flops = 0
             self.peak = self.state_free_peak = self.host_peak = 0
             self.peak_phase: str | None = None
             self.peak_where = self.state_free_where = self.last_op = ""
@@ -114,7 +117,11 @@ def _tracker_class():
             if "attention" in func.__name__:
                 self.attention_ops.add(func.__name__)
             self.last_op = func.__name__
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            count = self.flop_registry.get(func._overloadpacket)
+            if count is not None:  # FlopCounterMode's own formulas; that mode nested here breaks the byte count
+                self.flops += count(*args, **(kwargs or {}), out_val=out)
+            return out
 
     return PeakTracker
 
@@ -150,22 +157,34 @@ def traced_peak(spec: StepSpec, rank: int = 0) -> dict:
         raise ValueError(f"rank {rank} is not an SP rank of sp={spec.sp}")
     t0 = time.perf_counter()
     with fake_step(spec, rank) as (trainer, micro_batches):
-        frozen = [trainer.ref_model] if trainer.ref_model is not None else []
-        tracker = _tracker_class()(_host_bytes(trainer))
-        tracker.track_external(trainer.model, trainer.optimizer, *frozen)
-        with tracker:
-            metrics = trainer.step(0, micro_batches=micro_batches, read_back=False)
+        tracker, metrics = traced_step(trainer, micro_batches)
+    return {**peak_record(spec, rank, tracker, metrics["rank_tokens"]), "trace_s": time.perf_counter() - t0}
+
+
+def traced_step(trainer, micro_batches, count_flops: bool = False) -> tuple:
+    """Run ONE step of a fake-step trainer (memory/step.py fake_step) under the peak tracker: (tracker, the step's
+    metrics). `count_flops`: the tracker also adds up `torch.utils.flop_counter`'s FLOPs of every op (`.flops`:
+    the matmuls; no formula for the CPU attention op)."""
+    frozen = [trainer.ref_model] if trainer.ref_model is not None else []
+    tracker = _tracker_class()(_host_bytes(trainer), count_flops)
+    tracker.track_external(trainer.model, trainer.optimizer, *frozen)
+    with tracker:
+        metrics = trainer.step(0, micro_batches=micro_batches, read_back=False)
+    return tracker, metrics
+
+
+def peak_record(spec: StepSpec, rank: int, tracker, tokens: int) -> dict:
+    """traced_peak's dict (without trace_s) from a tracker that ran `spec`'s step on `rank`."""
     by_cat = {str(k.value if hasattr(k, "value") else k).lower(): v / GiB for k, v in tracker.peak_snap.items()
               if k != "Total"}
     return {
-        "schema": SCHEMA, "model": spec.model, "stage": spec.stage, "length": spec.length,
-        "tokens": metrics["rank_tokens"], "sp": spec.sp, "method": spec.method, "rank": rank, "dtype": spec.dtype,
-        "features": spec.features.to_json(), "peak_bytes": int(tracker.peak), "peak_gib": tracker.peak / GiB,
-        "state_free_peak_gib": tracker.state_free_peak / GiB,
-        "state_free_where": tracker.state_free_where, "host_peak_gib": tracker.host_peak / GiB,
-        "peak_phase": tracker.peak_phase, "peak_where": tracker.peak_where, "phase_peak_gib": {k: v / GiB for k, v in tracker.phase_peaks.items()},
-        "by_category_gib": by_cat, "attention_ops": sorted(tracker.attention_ops),
-        "trace_s": time.perf_counter() - t0,
+        "schema": SCHEMA, "model": spec.model, "stage": spec.stage, "length": spec.length, "tokens": tokens,
+        "sp": spec.sp, "method": spec.method, "rank": rank, "dtype": spec.dtype, "features": spec.features.to_json(),
+        "peak_bytes": int(tracker.peak), "peak_gib": tracker.peak / GiB,
+        "state_free_peak_gib": tracker.state_free_peak / GiB, "state_free_where": tracker.state_free_where,
+        "host_peak_gib": tracker.host_peak / GiB, "peak_phase": tracker.peak_phase, "peak_where": tracker.peak_where,
+        "phase_peak_gib": {k: v / GiB for k, v in tracker.phase_peaks.items()}, "by_category_gib": by_cat,
+        "attention_ops": sorted(tracker.attention_ops),
     }
 
 

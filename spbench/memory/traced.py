@@ -55,7 +55,11 @@ def traced_setup_peak(setup: Setup, length: int, rank: int = 0) -> dict:
     Returns {"length", "traced_gib", "model_gib", "error" (model / traced − 1), "fits" (traced ≤ the GPU's usable
     memory), "from_model" (model terms added), "peak_phase", "host_gib" (offloaded checkpoints, traced),
     "trace_s", "trace" (memory/trace.py's dict)}."""
-    trace = traced_peak(spec_for(setup, length), rank)
+    return composed_peak(setup, length, traced_peak(spec_for(setup, length), rank))
+
+
+def composed_peak(setup: Setup, length: int, trace: dict) -> dict:
+    """`traced_setup_peak`'s dict from a trace (memory/trace.py's dict) of `spec_for(setup, length)`."""
     pred = peak_memory(setup, length)
     terms = from_model(setup)
     if terms == ("workspace",):
@@ -65,7 +69,7 @@ def traced_setup_peak(setup: Setup, length: int, rank: int = 0) -> dict:
         static = sum(pred["terms"][t] for t in ZERO_STATIC_TERMS)
         activations = static + trace["state_free_peak_gib"]
         traced = max(activations, pred["phases"]["step"])
-        phase = "step (model)" if traced > activations else trace["peak_phase"]
+        phase = "step (model)" if traced > activations else trace["state_free_where"].split(", ")[0]
     return {"length": length, "traced_gib": traced, "model_gib": pred["total_gib"],
             "error": pred["total_gib"] / traced - 1, "fits": traced * GiB <= usable_bytes(setup.gpu_mem_gib),
             "from_model": list(terms), "peak_phase": phase, "model_phase": pred["phase"],
