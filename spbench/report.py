@@ -1,6 +1,7 @@
 """Rendering results files as report.md with Markdown tables and PNG plots (`spbench report`, cli/report.py, and
-`spbench parity` call `render`): a section per parity (spbench.results/1), max-length (spbench.maxlen/1),
-GPU-check (spbench.gpu-check/1) or comparison (spbench.compare/1) file, each followed by its provenance."""
+`spbench parity` call `render`): a section per parity (spbench.results/1), max-length (spbench.maxlen/1), cost
+(spbench.cost/1), stored GPU measurements (spbench.measurements/1), GPU-check (spbench.gpu-check/1) or comparison
+(spbench.compare/1) file, each followed by its provenance."""
 from __future__ import annotations
 
 import io
@@ -13,8 +14,7 @@ from pathlib import Path
 from .check.tolerances import rel_errors
 from .common.errors import UsageError
 from .common.results import load_results, writable_folder, write_bytes_atomic, write_text_atomic
-from .common.schemas import COMPARE, GPU_CHECK, MAXLEN, PARITY
-from .common.table import strategy_label
+from .common.schemas import COMPARE, COST, GPU_CHECK, MAXLEN, MEASUREMENTS, PARITY
 
 ERR_FLOOR = 1e-18  # log-scale error plot: an exact match (error 0) is drawn at this floor
 
@@ -23,7 +23,8 @@ def render(paths, out_dir) -> Path:
     """Write report.md and its PNGs into `out_dir`, one section per results file; returns report.md's path."""
     if not paths:
         raise UsageError("no results files given; pass at least one RESULTS.json")
-    docs = [(Path(p), load_results(p, (PARITY, MAXLEN, GPU_CHECK, COMPARE))) for p in paths]  # all valid first
+    schemas = (PARITY, MAXLEN, GPU_CHECK, COMPARE, COST, MEASUREMENTS)
+    docs = [(Path(p), load_results(p, schemas)) for p in paths]  # all valid first
     out = writable_folder(out_dir, "--out")
     # everything is written into a hidden folder first and moved in at the end: a report that fails half-way
     # leaves no plots without their report.md
@@ -38,7 +39,7 @@ def render(paths, out_dir) -> Path:
             elif doc["schema"] == COMPARE:
                 lines += _compare_section(doc, path)
             else:
-                lines += _maxlen_section(doc, path)
+                lines += _memory_section(doc, path)
             lines += _provenance(doc.get("provenance") or {})
         write_text_atomic(staging / "report.md", "\n".join(lines) + "\n")
         for f in sorted(staging.iterdir(), key=lambda f: f.name == "report.md"):  # report.md last
@@ -177,23 +178,13 @@ def _gpu_check_section(doc: dict, path: Path) -> list[str]:
     return lines + (["", "### Ours vs plain", ""] + [f"- {g}" for g in goals] if goals else [])
 
 
-def _maxlen_section(doc: dict, path: Path) -> list[str]:
-    def order(r: dict) -> tuple:
-        return (str(r.get("model")), str(r.get("stage")), str(r.get("variant")), r.get("gpus") or 0,
-                r.get("sp") or 0, r.get("zero") or 0, str(r.get("offload")))
+def _memory_section(doc: dict, path: Path) -> list[str]:
+    """Max-length, cost or stored-measurement sections (memory/reportmd.py)."""
+    from .memory import reportmd  # only here: the measurements section imports the memory model
 
-    lines = [f"## Max trainable length ({path.name})", "",
-             "| model | stage | variant | GPUs | GPU mem GiB | SP | strategy | ZeRO | offload | max length | peak GiB "
-             "| source |",
-             "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"]
-    for r in sorted(doc["rows"], key=order):
-        max_len = f"{r['max_len']:,}" if isinstance(r.get("max_len"), int) else "—"
-        peak = f"{r['peak_gib']:.1f}" if isinstance(r.get("peak_gib"), (int, float)) else "—"
-        cells = [r.get("model", "?"), r.get("stage", "?"), r.get("variant", "—"), r.get("gpus", "?"),
-                 r.get("gpu_mem_gib", "?"), r.get("sp", "?"), strategy_label(r), r.get("zero", "?"),
-                 r.get("offload", "none"), max_len, peak, r.get("source", "?")]
-        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    return lines
+    section = {MAXLEN: reportmd.maxlen_section, COST: reportmd.cost_section,
+               MEASUREMENTS: reportmd.measurements_section}[doc["schema"]]
+    return section(doc, path)
 
 
 def _provenance(prov: dict) -> list[str]:

@@ -65,3 +65,21 @@ def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(["cost", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_report_renders_cost_maxlen_trace_and_measurements(tmp_path):
+    """`spbench report` over a cost document, a checked maxlen row and the stored H200 measurements: one section
+    each, with the model's error against the trace and against the measurement."""
+    from spbench.memory.model import MEASUREMENTS
+    from spbench.report import render
+
+    cost = tmp_path / "cost.json"
+    assert main(["cost", "--model", "tiny", "--length", "128", "--sp", "2", "--method", "zigzag", "--zero", "0",
+                 "--offload", "none", "--no-balance", "--out", str(cost)]) == 0
+    checked = tmp_path / "m"
+    assert main(["maxlen", "--model", "tiny", "--gpus", "2", "--sp", "2", "--zero", "0", "--offload", "none",
+                 "--gpu-mem", "0.8", "--no-tiled-loss", "--no-tiled-mlp", "--trace", "check", "--out", str(checked)]) == 0
+    md = render([cost, checked / "maxlen.json", MEASUREMENTS / "h200-2026-11-28-plain.json"], tmp_path / "r").read_text()
+    assert "## Cost of one step per rank" in md and "| tiny | sft | 128 | 2 | zigzag |" in md
+    assert "model − trace" in md and "rows traced, largest model error" in md
+    assert "## Memory model vs measured" in md and "NVIDIA H200" in md and "measured points, largest" in md

@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, MemoryFeatures
+from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, DEFAULT_NORM_CHUNK, MemoryFeatures
 from runtime.models import ModelError
 from runtime.topology import TopologyError
 
 from ..common.deepspeed import parse_offload
 from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
+from ..common.schemas import COST
 from ..common.table import format_table
 from ..memory.setup import SP_METHODS, STAGES, Setup
 
@@ -46,6 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--offload", default="optimizer,param", help="none, optimizer, param or both (default both)")
     p.add_argument("--no-tiled-loss", action="store_true", help="full-vocabulary logits")
     p.add_argument("--no-tiled-mlp", action="store_true", help="untiled MLP")
+    p.add_argument("--no-tiled-norm", action="store_true", help="transformers' RMSNorm (untiled)")
     p.add_argument("--checkpoint-offload", action="store_true", help="checkpointed hidden states in CPU memory")
     p.add_argument("--no-balance", action="store_true", help="skip the per-rank attention balance (SP more steps)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line per length")
@@ -56,6 +58,7 @@ def setup_from(args) -> Setup:
     """The memory-model Setup the flags describe; a setup the runtime would refuse is a usage error."""
     features = MemoryFeatures(tiled_loss_chunk=None if args.no_tiled_loss else DEFAULT_LOSS_CHUNK,
                               tiled_mlp_chunks=None if args.no_tiled_mlp else AUTO,
+                              tiled_norm_chunk=None if args.no_tiled_norm else DEFAULT_NORM_CHUNK,
                               checkpoint_offload=args.checkpoint_offload)
     try:
         offload = parse_offload(args.offload)
@@ -112,7 +115,7 @@ def run(args) -> int:
     print(table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out, {"schema": "spbench.cost/1", "rows": rows,
+        write_json_atomic(args.out, {"schema": COST, "rows": rows,
                                      "provenance": provenance(" ".join(["spbench", *sys.argv[1:]]), "fake", s.sp, 0,
                                                               wall_time_s=round(time.monotonic() - t0, 1))})
     if args.json:

@@ -16,6 +16,8 @@ MEMTRACE = "spbench.memtrace/1"
 """The JSON line of `python -m spbench.memory.trace`."""
 FLOPS = "spbench.flops/1"
 """FLOPs of one Trainer.step per rank vs the analytic ideal, attention balance (memory/flops.py, reports/flops/)."""
+COST = "spbench.cost/1"
+"""`spbench cost --out`: one step per rank counted on fake tensors — memory, FLOPs, bytes, balance (memory/cost.py)."""
 MEASUREMENTS = "spbench.measurements/1"
 """Stored GPU measurements the memory model is checked against (reports/measurements/)."""
 
@@ -24,5 +26,5 @@ COMPARE = "spbench.compare/1"
 MUTANTS = "spbench.mutants/1"
 """The mutant list (spbench/suites/mutants.toml) and the results of `python -m spbench.check.mutants`."""
 
-ENTRIES = {PARITY: "cases", MAXLEN: "rows", GPU_CHECK: "steps", COMPARE: "rows"}
+ENTRIES = {PARITY: "cases", MAXLEN: "rows", GPU_CHECK: "steps", COMPARE: "rows", COST: "rows", MEASUREMENTS: "points"}
 """The list each results schema that `spbench report` (and `spbench gate`) reads holds its entries in."""

@@ -21,13 +21,13 @@ from dataclasses import replace
 from runtime.memory import MemoryFeatures
 
 from ..check.comm_bytes import AttentionShape, step_bytes
+from ..common.schemas import COST
 from .flops import AttentionTally, attention_balance, counting_kernel, ideal_flops
 from .setup import Setup, shape_of
 from .step import fake_step
 from .trace import peak_record, traced_step
 from .traced import composed_peak, spec_for
 
-SCHEMA = "spbench.cost/1"
 KERNEL = {"attention_kernel": "cpu-flash-split"}  # = cpu-flash on unpacked rows; no masks, so pairs are counted
 
 
@@ -49,7 +49,7 @@ def step_cost(setup: Setup, length: int, balance: bool = True) -> dict:
                          tokens, m.layers, recompute=setup.features.gradient_checkpointing)
     sent = metrics["sp_comm_bytes"]
     out = {
-        "schema": SCHEMA, "model": setup.model, "stage": setup.stage, "length": length, "sp": setup.sp,
+        "schema": COST, "model": setup.model, "stage": setup.stage, "length": length, "sp": setup.sp,
         "method": setup.sp_method, "ulysses": setup.ulysses, "gpus": setup.gpus, "gpu_mem_gib": setup.gpu_mem_gib,
         "zero": setup.zero, "offload": sorted(setup.offload), "features": setup.features.to_json(),
         "rank_tokens": tokens,

@@ -73,7 +73,7 @@ def peak_memory(setup: Setup, length: int, shape: Shape | None = None) -> dict:
         "step_temp": step_temp_bytes(s, m),
         "checkpoints": checkpoint_bytes(s, m, n),
         "checkpoint_one_layer": n * m.hidden * ACT if s.features.gradient_checkpointing else 0.0,
-        "final_hidden": final_hidden_bytes(m, n),
+        "final_hidden": final_hidden_bytes(s, m, n),
         "loss": loss_bytes(s, m, n),
         "layer_backward": layer_backward_bytes(s, m, n),
         "sp_buffers": sp_buffer_bytes(s, m, n),
@@ -149,11 +149,13 @@ def compare_measurements(path: str | Path) -> list[dict]:
     if doc.get("schema") != MEASUREMENTS_SCHEMA:
         raise ValueError(f"{path}: schema {doc.get('schema')!r} is not {MEASUREMENTS_SCHEMA}")
     st = doc["setup"]
+    # a feature the file does not name was not used: measured runs are plain transformers plus what the file lists
+    features = replace(MemoryFeatures.plain(), **st["features"])
     rows = []
     for p in doc["points"]:
         regime = p.get("regime", "steady")
         setup = Setup(p["model"], p["stage"], st["gpus"], st["gpu_mem_gib"], st["sp"], st["zero"],
-                      frozenset(st["offload"]), MemoryFeatures(**st["features"]), first_step=regime == "first_step")
+                      frozenset(st["offload"]), features, first_step=regime == "first_step")
         pred = peak_memory(setup, p["length"])
         meas = p.get("peak_gib")
         rows.append({"model": p["model"], "stage": p["stage"], "length": p["length"], "oom": bool(p["oom"]),

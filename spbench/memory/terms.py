@@ -37,6 +37,10 @@ REDUCE_BUCKET_ELEMS = 500_000_000
 ZERO3_LIVE_MODULES = 2
 """ZeRO-3 gathers the module being computed plus one prefetched (largest: a layer or the embedding)."""
 
+LM_HEAD_GRAD_COPIES = 3
+"""Tiled loss: lm_head weight-gradient-sized bf16 tensors alive while autograd adds a chunk's into the sum (the sum,
+the chunk's, the result). Traced (qwen2.5-7b, SP 8, 262k tokens, tiled RMSNorm on): the step's activation peak."""
+
 RMSNORM_BACKWARD_TEMPS = 5
 """fp32 [tokens × hidden] temporaries alive at once in the backward of transformers' RMSNorm (autograd of its
 Python forward: pow's and mean's gradients, the two multiplies', the fp32 cast's). Traced (spbench/memory/trace.py,
@@ -123,7 +127,7 @@ def host_bytes(s: Setup, m: Shape, n: int) -> float:
     if "param" in s.offload:
         b += 2.0 * _weights(s, m) / s.gpus * (s.rows if s.finetuning == "full" else 1)
     if s.features.checkpoint_offload and s.features.gradient_checkpointing:
-        b += (m.layers * m.hidden * ACT + norm_saved_per_token(m)) * n
+        b += (m.layers * m.hidden * ACT + norm_saved_per_token(s, m)) * n
     return b
 
 
@@ -134,10 +138,14 @@ def kv_heads_local(s: Setup, m: Shape) -> int:
     return max(m.kv_heads, s.ulysses) if s.ulysses > 1 else m.kv_heads
 
 
-def norm_saved_per_token(m: Shape) -> float:
-    """What one RMSNorm saves for backward, per token: its fp32 input (4h), the bf16 cast the weight multiplies
-    (2h) and the bf16 output the next linear saves (2h) (traced)."""
-    return 8 * m.hidden
+def norm_saved_per_token(s: Setup, m: Shape, input_held: bool = False) -> float:
+    """What one RMSNorm saves for backward, per token. transformers' RMSNorm: its fp32 input (4h), the bf16 cast the
+    weight multiplies (2h), the bf16 output the next linear saves (2h) (traced). The tiled RMSNorm
+    (runtime/tiled_norm.py): its input as it is (2h; none when `input_held`: a layer's checkpointed input, held
+    anyway), fp32 rstd (4 B) and the output (2h)."""
+    if s.features.tiled_norm_chunk is None:
+        return 8 * m.hidden
+    return (0 if input_held else 2 * m.hidden) + 4 + 2 * m.hidden
 
 
 def attention_saved_per_token(s: Setup, m: Shape) -> float:
@@ -146,7 +154,10 @@ def attention_saved_per_token(s: Setup, m: Shape) -> float:
     (4H), RoPE's bf16 cos and sin (2·2d)."""
     h = m.hidden
     kv = 2 * ACT * kv_heads_local(s, m) * m.head_dim
-    return norm_saved_per_token(m) + 2 * h + kv + 2 * h + 2 * h + 4 * m.heads + 2 * ACT * m.head_dim
+    # the input norm's input is the layer's checkpoint (unless offloaded: then its unpacked copy stays for the norm)
+    held = s.features.gradient_checkpointing and not s.features.checkpoint_offload
+    norm = norm_saved_per_token(s, m, input_held=held)
+    return norm + 2 * h + kv + 2 * h + 2 * h + 4 * m.heads + 2 * ACT * m.head_dim
 
 
 def mlp_saved_per_token(m: Shape) -> float:
@@ -170,7 +181,7 @@ def layer_saved_bytes(s: Setup, m: Shape, n: int) -> float:
     """Everything one layer keeps for backward (no checkpointing): attention block, post-attention RMSNorm
     (8h), the MLP's [× I] activations unless tiled (a tiled MLP recomputes them per chunk)."""
     mlp = 0.0 if s.features.tiled_mlp_chunks is not None else mlp_saved_per_token(m) * n
-    return (attention_saved_per_token(s, m) + norm_saved_per_token(m)) * n + mlp
+    return (attention_saved_per_token(s, m) + norm_saved_per_token(s, m)) * n + mlp
 
 
 def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
@@ -178,12 +189,14 @@ def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
     MLP backward: post-attention RMSNorm's saved 8h, incoming and MLP-input gradients (4h), and per MLP
     token the MLP's saved 8I plus 4I of gradients;
     post-attention RMSNorm backward: its fp32 input (4h), the residual gradient (2h), RMSNORM_BACKWARD_TEMPS fp32
-    [n × h] temporaries;
+    [n × h] temporaries (tiled: the residual and input gradients, 4h, and those temporaries for one chunk);
     attention backward (post-attention norm already freed): residual and output gradients, flash's fp32 dq
     accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d), and the SP buffers (alive in attention only)."""
     h = m.hidden
     mlp_phase = 12 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
-    norm_phase = (4 * h + 2 * h + RMSNORM_BACKWARD_TEMPS * 4 * h) * n
+    chunk = s.features.tiled_norm_chunk
+    norm_phase = ((4 * h + 2 * h + RMSNORM_BACKWARD_TEMPS * 4 * h) * n if chunk is None
+                  else 4 * h * n + RMSNORM_BACKWARD_TEMPS * 4 * h * min(n, chunk))
     attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n + sp_buffer_bytes(s, m, n)
     return attention_saved_per_token(s, m) * n + max(mlp_phase, norm_phase, attn_phase)
 
@@ -197,9 +210,11 @@ def checkpoint_bytes(s: Setup, m: Shape, n: int) -> float:
     return min(layers, m.layers) * n * m.hidden * ACT
 
 
-def final_hidden_bytes(m: Shape, n: int) -> float:
-    """Final RMSNorm's saved tensors (6h) and the gradient flowing into it (2h), per token."""
-    return 8 * m.hidden * n
+def final_hidden_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Final RMSNorm's saved tensors and the gradient flowing into it (2h), per token: 6h + 2h for transformers'
+    RMSNorm (calibrated on the H200 measurements, whose peaks are in the loss); tiled, its input, output and
+    that gradient (3 × 2h, traced)."""
+    return (8 if s.features.tiled_norm_chunk is None else 6) * m.hidden * n
 
 
 def loss_bytes(s: Setup, m: Shape, n: int) -> float:
@@ -209,8 +224,11 @@ def loss_bytes(s: Setup, m: Shape, n: int) -> float:
     if chunk is None:
         return LOGITS_COPIES * 4 * m.vocab * n
     # Tiled, the lm_head weight gradient (vocab × hidden, 2 B) exists from the first chunk's backward on, while
-    # chunks' logits are still alive (found by the CPU trace, spbench/memory/trace.py; untiled it appears after).
-    return LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + 8 * n + 2 * m.vocab * m.hidden
+    # chunks' logits are still alive (found by the CPU trace, spbench/memory/trace.py; untiled it appears after);
+    # from the second chunk on, autograd adds each chunk's into the sum out of place: LM_HEAD_GRAD_COPIES at once.
+    grad = 2 * m.vocab * m.hidden
+    accumulate = LM_HEAD_GRAD_COPIES * grad if n > chunk else 0.0
+    return max(LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + grad, accumulate) + 8 * n
 
 
 def sp_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
@@ -241,4 +259,4 @@ def reference_forward_bytes(s: Setup, m: Shape, n: int) -> float:
     layer += 3 * ACT * m.intermediate * mlp_tokens(s, m, n)
     chunk = s.features.tiled_loss_chunk
     logits = REF_LOGITS_COPIES * 4 * m.vocab * (n if chunk is None else min(n, chunk))
-    return layer + max(logits, 0.0) + final_hidden_bytes(m, n)
+    return layer + max(logits, 0.0) + final_hidden_bytes(s, m, n)

@@ -193,10 +193,7 @@ def analytic_for(traced: dict) -> dict:
     against the trace with and without the model's GPU-only `workspace` term (error = predicted/traced − 1)."""
     from . import model as mm
 
-    f = traced["features"]
-    features = MemoryFeatures(tiled_loss_chunk=f["tiled_loss_chunk"], tiled_mlp_chunks=f["tiled_mlp_chunks"],
-                              checkpoint_offload=f["checkpoint_offload"],
-                              gradient_checkpointing=f["gradient_checkpointing"])
+    features = MemoryFeatures(**traced["features"])
     setup = mm.Setup(traced["model"], traced["stage"], gpus=traced["sp"], sp=traced["sp"], features=features,
                      sp_method=traced["method"])
     pred = mm.peak_memory(setup, traced["length"])
