@@ -54,10 +54,12 @@ def mutants(session: nox.Session) -> None:
 
 def compare_adapter(session: nox.Session, impl: str, extra: str) -> None:
     """One adapter in a venv of its own: torch (CPU build as `install`), this project with [test] and the adapter's
-    extra (the package and the transformers it pins); its adapter tests, then `spbench compare --impl IMPL --suite ci`."""
+    extra (the package and the transformers it pins); its adapter tests, then `spbench compare --impl spbench,IMPL
+    --suite ci` (spbench in the same run: the timing reference, and the runtime on that transformers)."""
     install(session, "test", extra)
     session.run("pytest", f"tests/test_compare_{extra}.py", "-q")
-    session.run("spbench", "compare", "--impl", impl, "--suite", "ci", "--out", f"out/compare-{extra}", *session.posargs)
+    session.run("spbench", "compare", "--impl", f"spbench,{impl}", "--suite", "ci", "--out", f"out/compare-{extra}",
+                *session.posargs)
 
 
 @nox.session(name="compare-swift")

@@ -37,7 +37,7 @@ def render(paths, out_dir) -> Path:
             elif doc["schema"] == GPU_CHECK:
                 lines += _gpu_check_section(doc, path)
             elif doc["schema"] == COMPARE:
-                lines += _compare_section(doc, path)
+                lines += _compare_section(doc, path, staging, prefix=f"{i}-{_slug(path.stem)}")
             else:
                 lines += _memory_section(doc, path)
             lines += _provenance(doc.get("provenance") or {})
@@ -47,11 +47,17 @@ def render(paths, out_dir) -> Path:
     return out / "report.md"
 
 
-def _compare_section(doc: dict, path: Path) -> list[str]:
-    """`spbench compare`'s own report.md (compare/report.py), its headings one level down, under the file name."""
+def _compare_section(doc: dict, path: Path, out: Path, prefix: str) -> list[str]:
+    """`spbench compare`'s own report.md (compare/report.py) and its verdict matrix, its headings one level down,
+    under the file name."""
+    from .compare.figure import verdict_matrix
     from .compare.report import render as render_compare
 
-    body = render_compare(doc).splitlines()
+    try:
+        png = verdict_matrix(doc, out, f"{prefix}-verdicts.png")
+    except ImportError:  # as for parity plots: the tables are the result
+        png = None
+    body = render_compare(doc, png).splitlines()
     return [f"## Comparison ({path.name}): {body[0].lstrip('# ')}", *("#" + x if x.startswith("#") else x
                                                                          for x in body[1:])]
 

@@ -1,5 +1,5 @@
-"""The comparison report (timing relative to spbench, features, published figures with sources, memory not
-measured), `spbench report` rendering compare.json, `spbench gate` holding adapters' verdicts to a baseline, and the
+"""The comparison report (timing relative to spbench, features, published figures with sources, no estimate
+without maxlen_estimates), `spbench report` rendering compare.json, `spbench gate` holding adapters' verdicts to a baseline, and the
 flash-attn engines' refusal computed from this machine. No ranks: documents are built by hand."""
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ def test_time_ratio_is_the_median_over_cases_both_ran(doc):
 
 def test_report_has_timing_features_memory_and_published_figures(doc):
     md = render(doc)
-    assert "| other | other not installed | 1 | 1 | 1 | 2.00 (2 cases) | not measured |" in md
-    assert "| spbench | torch 2.13.0 | 3 | 0 | 0 | 1 (reference) | not measured |" in md
+    assert "| other | other not installed | 1 / 1 / 1 | 2.00 (2 cases) | no estimate | — |" in md
+    assert "| spbench | torch 2.13.0 | 3 / 0 / 0 | 1 (reference) | no estimate | — |" in md
     assert "CPU ratios are only indicative" in md
     assert "| other | ulysses | kv / SP | — | — | — | loss: per-micro-batch means |" in md  # a '|' cannot break the table
-    assert "| other | refused | other: no ring | c |" in md
+    assert "| other | ci | refused | other: no ring | c |" in md
     alone = render({**doc, "rows": [r for r in doc["rows"] if r["impl"] == "other"]})
-    assert "| other | other not installed | 1 | 1 | 1 | spbench not in this run | not measured |" in alone
+    assert "| other | other not installed | 1 / 1 / 1 | spbench not in this run | no estimate | — |" in alone
     for f in published_figures():
         assert f["url"].startswith("https://") and f["source"] and f["claim"]
         assert f"[{f['source']}]({f['url']})" in md
@@ -62,7 +62,7 @@ def test_spbench_report_renders_compare_json(doc, tmp_path, capsys):
     assert main(["report", str(tmp_path / "compare.json"), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "## Comparison (compare.json): SP implementations through the parity harness (ci suite)" in md
-    assert "### Features" in md and "| other | wrong | loss step 0: rel err 1e-3 | b |" in md
+    assert "### Features" in md and "| other | ci | wrong | loss step 0: rel err 1e-3 | b |" in md
     bad = {**doc, "rows": "not a list"}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     assert main(["report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "r2")]) == 2
@@ -74,12 +74,14 @@ def test_gate_holds_verdicts_to_the_baseline(doc):
     assert compare_gate(doc, new) == []
     new["rows"][0].update(verdict="wrong", cause="loss step 1: rel err 3e-5")      # spbench/a: pass → wrong
     new["rows"][3].update(verdict="refused", cause="other: ring only")             # other/a: pass → refused
-    new["rows"][4].update(verdict="refused", cause="x")                            # other/b was wrong: not judged
+    new["rows"][4].update(verdict="refused", cause="x")                            # other/b: wrong → refused
+    new["rows"][5].update(verdict="pass", cause=None)                              # other/c was refused: not judged
     del new["rows"][2]                                                               # spbench/c: missing
     got = [(r.case, r.what, r.detail) for r in compare_gate(doc, new)]
     assert got == [("spbench/a", "verdict pass → wrong", "loss step 1: rel err 3e-5"),
                    ("spbench/c", "missing", "in the baseline, absent from the new results"),
-                   ("other/a", "verdict pass → refused", "other: ring only")]
+                   ("other/a", "verdict pass → refused", "other: ring only"),
+                   ("other/b", "verdict wrong → refused", "x")]
 
 
 def test_gate_command_on_compare_documents(doc, tmp_path, capsys):

@@ -4,11 +4,14 @@ Each implementation (spbench/compare/adapters.py) trains every case of the suite
 against the same SP-off reference and tolerances; each case gets a verdict: pass, wrong (the error size, or a hang)
 or refused (the implementation's own reason). Results JSON (with every adapter's package versions) and report.md
 go to --out (default out/compare). Exit 0 when every case ran to a verdict, whatever the verdicts.
+--merge combines the compare.json of several runs (each suite, each venv) into one document and report, keeping
+each run's provenance; it runs nothing. Both add each implementation's estimated max length (compare/memory.toml).
 """
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from ..common.errors import UsageError, need_positive
 from ..common.results import provenance, writable_folder, write_json_atomic
@@ -16,6 +19,7 @@ from ..common.results import provenance, writable_folder, write_json_atomic
 EPILOG = """examples:
   spbench compare                          # every adapter on the ci suite, results in out/compare
   spbench compare --impl spbench --case sft-ulysses-sp2,packed-sft-zigzag-sp4
+  spbench compare --merge main=out/ci/compare.json swift=out/swift/compare.json --out reports/compare
 """
 
 
@@ -26,12 +30,21 @@ def add_arguments(p) -> None:
     p.add_argument("--case", metavar="NAME[,NAME...]", help="run only these cases of the suite")
     p.add_argument("--out", default="out/compare", help="results JSON and report.md go here (default out/compare)")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a case's ranks are killed")
+    p.add_argument("--merge", nargs="+", metavar="[LABEL=]compare.json",
+                   help="merge these runs' documents into one (in order; LABEL names a run, default its folder) "
+                        "instead of running anything")
+    p.add_argument("--baseline-out", metavar="FILE", help="also write the verdicts alone (rows without metrics) "
+                   "as a `spbench gate` baseline, e.g. spbench/suites/golden/compare.json")
 
 
 def run(args) -> int:
+    if args.baseline_out:  # checked before hours of cases, not after
+        writable_folder(Path(args.baseline_out).resolve().parent, "--baseline-out")
+    if args.merge:
+        return _merge(args)
     from ..check.cases import load_suite, select
     from ..compare.registry import implementations
-    from ..compare.report import compare_doc, render
+    from ..compare.report import compare_doc
 
     need_positive(timeout=args.timeout)
     IMPLEMENTATIONS = implementations()
@@ -55,7 +68,34 @@ def run(args) -> int:
     prov = provenance(" ".join(["spbench", *sys.argv[1:]]), "gloo", max(c.world for c in cases), 0,
                       time.perf_counter() - t0)
     doc = compare_doc(suite, impls, rows, prov)
-    (out / "report.md").write_text(render(doc), encoding="utf-8")
+    return _write(doc, out, args.baseline_out)
+
+
+def _merge(args) -> int:
+    from ..common.results import load_results
+    from ..common.schemas import COMPARE
+    from ..compare.merge import merge, parse_input
+
+    inputs = [(label, path, load_results(path, (COMPARE,))) for label, path in map(parse_input, args.merge)]
+    out = writable_folder(args.out, "--out")
+    (out / "compare.json").unlink(missing_ok=True)
+    world = max((doc["provenance"].get("world") or 0 for _, _, doc in inputs), default=0)
+    doc = merge(inputs, provenance(" ".join(["spbench", *sys.argv[1:]]), "gloo", world, 0))
+    return _write(doc, out, args.baseline_out)
+
+
+def _write(doc: dict, out, baseline_out: str | None) -> int:
+    """The document with its max-length estimates, its report.md and PNG, compare.json last (present = complete);
+    the gate baseline of its verdicts to `baseline_out`."""
+    from ..compare.estimate import estimates
+    from ..compare.gate import baseline_of
+    from ..compare.report import write_report
+
+    doc["maxlen_estimates"] = estimates(doc["implementations"])
+    written = write_report(doc, out)
+    if baseline_out:
+        write_json_atomic(baseline_out, baseline_of(doc))
+        written.append(baseline_out)
     write_json_atomic(out / "compare.json", doc)
-    print(f"compare: {len(rows)} verdicts; {out / 'compare.json'}, {out / 'report.md'}")
+    print(f"compare: {len(doc['rows'])} verdicts; {out / 'compare.json'}, " + ", ".join(map(str, written)))
     return 0

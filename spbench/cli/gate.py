@@ -5,7 +5,9 @@ errors, when its configuration changed, or when one of its curves (ref_losses, s
 differs from the baseline's by more than the case dtype's relative tolerance at any step (or in length).
 Cases that already failed in the baseline are not judged; new cases not in the baseline are only counted.
 Given two comparison documents (spbench.compare/1, `spbench compare`), it holds every adapter's verdicts to the
-baseline instead: an (implementation, case) pair that passed and is now wrong or refused, or is missing, regresses.
+baseline instead: an (implementation, case) pair that passed and is now wrong or refused, that was wrong and is now
+refused (the adapter no longer reaches it), or is missing, regresses; only the baseline's pairs of implementations and
+suites the results ran are judged (one adapter's run against a merged baseline).
 Exit 2 on unusable input (a missing or malformed file, an unknown dtype, a parity file against a comparison one).
 Imports no torch.
 """
@@ -23,7 +25,7 @@ from ..common.table import format_table
 EPILOG = """examples:
   spbench gate --baseline spbench/suites/golden/ci.json --results out/parity/ci.json
   spbench gate --baseline base.json --results new.json --tolerances float32=2e-5 --junit gate.xml
-  spbench gate --baseline reports/compare/compare.json --results out/compare/compare.json
+  spbench gate --baseline spbench/suites/golden/compare.json --results out/compare/compare.json
 """
 
 
@@ -58,14 +60,18 @@ def run(args) -> int:
 
 
 def _gate_compare(args, baseline: dict, results: dict) -> int:
-    from ..compare.gate import as_cases, compare_gate, row_key
+    from ..compare.gate import as_cases, compare_gate, judged_rows, row_key
 
     regressions = compare_gate(baseline, results)
+    judged = judged_rows(baseline, results)
     if args.junit:
-        write_text_atomic(args.junit, junit_xml(as_cases(baseline), regressions))
+        write_text_atomic(args.junit, junit_xml(as_cases({**baseline, "rows": judged}), regressions))
     for r in regressions:
         print(f"REGRESSION {r.case}: {r.what} ({r.detail})")
     new = len({row_key(r) for r in results["rows"]} - {row_key(r) for r in baseline["rows"]})
-    print(f"gate: {len(baseline['rows'])} verdicts compared, {len(regressions)} regressions"
-          + (f" ({new} new pairs not in the baseline)" if new else ""))
+    skipped = len(baseline["rows"]) - len(judged)
+    print(f"gate: {len(judged)} verdicts compared, {len(regressions)} regressions"
+          + (f" ({new} new pairs not in the baseline)" if new else "")
+          + (f" ({skipped} baseline pairs of implementations or suites not in the results, not judged)"
+             if skipped else ""))
     return 1 if regressions else 0

@@ -21,9 +21,8 @@ loader gets as many batches (the stream is topped up by repetition, as Distribut
 Padding: `max_length` pads every row to the data's longest row rounded up to SP (ALST's fixed `seq_length`);
 `longest` pads each micro-batch to its own longest row only (transformers' default collator, variable lengths).
 Reported per step: the loss ALST back-propagates (mean over micro-batches and DP replicas), the grad norm the
-engine clips (ZeRO cases: `get_global_grad_norm`, float32 as the case's ZeRO tolerance expects; the others: the
-norm of the reduced gradients in the parameters' dtype, as the float64 tolerance needs),
-the step-0 reduced gradients, and ALST's all-to-all bytes from DeepSpeed's comms logger.
+engine clips (ZeRO cases: `get_global_grad_norm`, float32 as the case's ZeRO tolerance expects; the others: the norm
+of the reduced gradients in the parameters' dtype), step-0 gradients, ALST's all-to-all bytes (comms logger).
 """
 from __future__ import annotations
 
@@ -32,9 +31,10 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 
 from runtime.config import DTYPES, TrainConfig, from_dict
-from runtime.data import MicroBatch, longest_row
+from runtime.data import longest_row
 from runtime.dsconfig import read_deepspeed_json, resolve_deepspeed
 from runtime.losses import IGNORE
 from runtime.memory import resolve_mlp_chunks, shard_tokens
@@ -43,6 +43,7 @@ from runtime.optim import build_optimizer
 from runtime.records import build_schedule, load_tokenizer
 
 from .adapters import Implementation
+from .alst_data import hf_batch, rank_batches
 
 PADDINGS = ("max_length", "longest")
 
@@ -56,32 +57,6 @@ def _refuses(case) -> str | None:
     if case.config.get("eval_strategy", "no") != "no":
         return "adapter deepspeed-alst: ALST's evaluation is not wired into this adapter (training steps only)"
     return None
-
-
-def hf_batch(mb: MicroBatch, length: int) -> dict[str, torch.Tensor]:
-    """The micro-batch as an HF collator hands it to ALST: input_ids, position_ids, labels, each [rows, length].
-
-    labels are unshifted: labels[t] = targets[t − 1] and labels[0] = −100, so ALST's shift (shift_labels[t] =
-    labels[t + 1]) gives back the harness's targets; a document's first token is −100, as HF's packing collator
-    writes it. Padding: input 0, label −100, positions continuing the row (causal attention never lets a real token
-    see them). E.g. targets [[7, 8, 2, −]] → labels [[−, 7, 8, 2]]."""
-    rows, n = mb.input_ids.shape[0], length
-    if n < mb.seq_len or (mb.targets[:, -1] != IGNORE).any():
-        raise ValueError(f"cannot pad a micro-batch of {mb.seq_len} tokens to {n} (or its last target is supervised)")
-    pad = n - mb.seq_len
-    targets = torch.nn.functional.pad(mb.targets, (0, pad), value=IGNORE)  # [rows, n]
-    labels = torch.cat([torch.full((rows, 1), IGNORE), targets[:, :-1]], dim=1)  # [rows, n]
-    arange = torch.arange(n).expand(rows, n)
-    positions = torch.where(arange < mb.seq_len, torch.nn.functional.pad(mb.position_ids, (0, pad)), arange)
-    return {"input_ids": torch.nn.functional.pad(mb.input_ids, (0, pad)), "position_ids": positions, "labels": labels}
-
-
-def rank_batches(stream: list, sp: int, sp_rank: int, top_up: bool = True) -> list:
-    """This SP rank's loader items: stream[sp_rank], stream[sp_rank + sp], ... with the stream topped up by
-    repetition to a multiple of sp, so every rank's loader has as many (e.g. 3 items, sp 2 → [s0, s2], [s1, s0]);
-    `top_up=False`: as they come (3 items, sp 2 → [s0, s2], [s1])."""
-    full = stream + ([stream[i % len(stream)] for i in range(-len(stream) % sp)] if top_up else [])
-    return full[sp_rank::sp]
 
 
 def engine_config(cfg: TrainConfig, dp: int, hidden: int) -> dict:
@@ -151,41 +126,31 @@ def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, 
     not a multiple of SP), and a rank whose loader runs out stops training, as a `for batch in loader` loop does."""
     import deepspeed
     import deepspeed.comm as dcomm
-    import torch.distributed as dist
-    from deepspeed.runtime.sequence_parallel import parallel_state_sp
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter
-    from deepspeed.utils import groups
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if padding not in PADDINGS:
         raise ValueError(f"padding {padding!r} unknown; use one of {', '.join(PADDINGS)}")
     cfg = from_dict(cfg_values)
-    sp, dtype, ga = cfg.sequence_parallel_size, DTYPES[cfg.dtype], cfg.gradient_accumulation_steps
+    sp = cfg.sequence_parallel_size
     dp = info.world // sp
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model = build_model(cfg.model_name_or_path, dtype, "sdpa", seed=cfg.seed).to(info.device)
+    model, peft, names = _alst_model(cfg, info)
     schedule = build_schedule(cfg, dp, tokenizer, model.config.vocab_size)
     steps = schedule.steps(cfg.max_steps, cfg.num_train_epochs)
-    rows = cfg.rows_per_micro_batch
     fixed = math.ceil(longest_row(schedule.units) / sp) * sp
-    peft = None
-    if cfg.finetuning_type == "lora":
-        from runtime.lora import apply_lora
-        peft = apply_lora(model, cfg)
-    chunks = resolve_mlp_chunks(cfg.memory_features, shard_tokens(fixed, sp, rows), model.config.hidden_size)
-    names = {n: n.replace(".mlp.", ".mlp.mlp.") if chunks is not None else n for n, _ in model.named_parameters()}
-    if chunks is not None and chunks > 1:
-        use_alst_tiled_mlp(model, chunks)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if peft is not None:
-            model.enable_input_require_grads()
-    model.train()
+    chunks = resolve_mlp_chunks(cfg.memory_features, shard_tokens(fixed, sp, cfg.rows_per_micro_batch),
+                                model.config.hidden_size)
+    if chunks is not None:
+        names = {n: n.replace(".mlp.", ".mlp.mlp.") for n in names}
+        if chunks > 1:
+            use_alst_tiled_mlp(model, chunks)
     mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp, micro_batch_size=rows,
-        seq_length=fixed if padding == "max_length" else None, seq_length_is_variable=padding == "longest")
+        model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp,
+        micro_batch_size=cfg.rows_per_micro_batch, seq_length=fixed if padding == "max_length" else None,
+        seq_length_is_variable=padding == "longest")
     engine = None
     try:
         sp_group, sp_rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
@@ -194,59 +159,94 @@ def train_with_alst_engine(info, cfg_values: dict, capture_grads: bool = False, 
                  for mb in rank_batches(stream, sp, sp_rank, top_up)]
         loader = UlyssesSPDataLoaderAdapter(torch.utils.data.DataLoader(items, batch_size=None), sp_rank=sp_rank,
                                             sp_group=sp_group, sp_world_size=sp, device=info.device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scheduler = build_optimizer(cfg, trainable, steps)
+        optimizer, scheduler = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
                                                config=engine_config(cfg, dp, model.config.hidden_size))
         dcomm.configure(enabled=True, prof_ops=["all_to_all_single"])
-        history, grads = [], None
         grad_step = 1 if peft is not None and steps > 1 else 0
-        batches = iter(loader)
-        for step in range(steps):
-            t0, lr, loss_sum, held, padded = time.perf_counter(), scheduler.get_last_lr()[0], 0.0, 0, 0
-            for m in range(ga):
-                raw = next(batches, None)
-                if raw is None:  # this rank's loader ran out (top_up=False): its training loop ends here
-                    break
-                # ALST hands out column slices of the gathered rows (views); on a GPU the host→device copy makes
-                # them contiguous, on CPU `.to` does not, and transformers' loss `.view(-1)` rejects 2+ rows
-                batch = {k: v.to(info.device).contiguous() for k, v in raw.items() if torch.is_tensor(v)}
-                held += batch["input_ids"].numel()
-                padded += batch["input_ids"].numel() * sp
-                loss = sp_group_loss(shard_loss(engine, model, batch, cfg.tiled_loss_chunk), batch["shift_labels"],
-                                     sp_group, sp)
-                loss_sum += float(loss.detach())
-                engine.backward(loss)
-                if m == ga - 1:  # the boundary: gradients reduced, not yet clipped or stepped
-                    if capture_grads and step == grad_step:
-                        grads = _full_grads(engine, model, names)
-                    norm = None if cfg.deepspeed else _norm(_full_grads(engine, model, names).values())
-                engine.step()
-            if raw is None:
-                break
-            norm = engine.get_global_grad_norm() if norm is None else norm
-            mean = torch.tensor([loss_sum / ga], dtype=torch.float64)
-            dist.all_reduce(mean)  # every SP rank holds the same value: the mean over DP replicas is sum / world
-            history.append({"step": step, "loss": float(mean) / info.world, "grad_norm": float(norm), "lr": lr,
-                            "tokens": schedule.step_tokens(step), "rank_tokens": held, "seq_tokens": padded,
-                            "sp_comm_bytes": _alst_bytes() * (sp - 1) / sp, "step_time_s": time.perf_counter() - t0})
+        capture = grad_step if capture_grads else None
+        history, grads = _alst_steps(engine, scheduler, model, iter(loader), cfg, info, schedule, steps, sp_group,
+                                     names, capture)
         alst_registered = ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
     finally:
-        dcomm.configure(enabled=False)
-        dcomm.comms_logger.comms_dict = {}
-        if engine is not None:
-            engine.destroy()
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_attention_forward  # ALST registered itself over transformers' sdpa
-        # ALST keeps its groups in module globals with no public teardown short of destroying WORLD: release them
-        # so the next job on this pool can register again
-        for group in {mpu.get_sequence_parallel_group(), mpu.get_sequence_data_parallel_group()}:
-            dcomm.destroy_process_group(group)
-        parallel_state_sp._release_sequence_parallel_groups()
-        groups.mpu = None
+        _release_alst(mpu, engine, sdpa_attention_forward)
     if info.rank != 0:
         return None
     return {"metrics": history, "grads": grads, "grad_step": grad_step, "eval": [],
             "attention": model.config._attn_implementation, "sp_attention": "sdpa" if alst_registered else None}
+
+
+def _alst_model(cfg: TrainConfig, info):
+    """(the case's model on this rank in train mode, with its LoRA and gradient checkpointing; the peft wrapper or
+    None; {parameter name: the harness's name}: identity until TiledMLP renames them)."""
+    model = build_model(cfg.model_name_or_path, DTYPES[cfg.dtype], "sdpa", seed=cfg.seed).to(info.device)
+    peft = None
+    if cfg.finetuning_type == "lora":
+        from runtime.lora import apply_lora
+        peft = apply_lora(model, cfg)
+    names = {n: n for n, _ in model.named_parameters()}
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if peft is not None:
+            model.enable_input_require_grads()
+    model.train()
+    return model, peft, names
+
+
+def _alst_steps(engine, scheduler, model, batches, cfg: TrainConfig, info, schedule, steps: int, sp_group,
+                names: dict, capture: int | None) -> tuple[list[dict], dict | None]:
+    """Train `steps` steps from the loader adapter's iterator `batches` (ga micro-batches each); returns (per-step
+    metrics, the reduced gradients of step `capture` or None). A rank whose loader runs out stops there."""
+    sp, ga = cfg.sequence_parallel_size, cfg.gradient_accumulation_steps
+    history, grads, raw = [], None, None
+    for step in range(steps):
+        t0, lr, loss_sum, held, padded = time.perf_counter(), scheduler.get_last_lr()[0], 0.0, 0, 0
+        for m in range(ga):
+            raw = next(batches, None)
+            if raw is None:  # this rank's loader ran out (top_up=False): its training loop ends here
+                break
+            # ALST hands out column slices of the gathered rows (views); on a GPU the host→device copy makes
+            # them contiguous, on CPU `.to` does not, and transformers' loss `.view(-1)` rejects 2+ rows
+            batch = {k: v.to(info.device).contiguous() for k, v in raw.items() if torch.is_tensor(v)}
+            held += batch["input_ids"].numel()
+            padded += batch["input_ids"].numel() * sp
+            loss = sp_group_loss(shard_loss(engine, model, batch, cfg.tiled_loss_chunk), batch["shift_labels"],
+                                 sp_group, sp)
+            loss_sum += float(loss.detach())
+            engine.backward(loss)
+            if m == ga - 1:  # the boundary: gradients reduced, not yet clipped or stepped
+                if step == capture:
+                    grads = _full_grads(engine, model, names)
+                norm = None if cfg.deepspeed else _norm(_full_grads(engine, model, names).values())
+            engine.step()
+        if raw is None:
+            break
+        norm = engine.get_global_grad_norm() if norm is None else norm
+        mean = torch.tensor([loss_sum / ga], dtype=torch.float64)
+        dist.all_reduce(mean)  # every SP rank holds the same value: the mean over DP replicas is sum / world
+        history.append({"step": step, "loss": float(mean) / info.world, "grad_norm": float(norm), "lr": lr,
+                        "tokens": schedule.step_tokens(step), "rank_tokens": held, "seq_tokens": padded,
+                        "sp_comm_bytes": _alst_bytes() * (sp - 1) / sp, "step_time_s": time.perf_counter() - t0})
+    return history, grads
+
+
+def _release_alst(mpu, engine, sdpa_forward) -> None:
+    """Undo what ALST leaves in this process, so the pool's next job can register again."""
+    import deepspeed.comm as dcomm
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+    from deepspeed.utils import groups
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    dcomm.configure(enabled=False)
+    dcomm.comms_logger.comms_dict = {}
+    if engine is not None:
+        engine.destroy()
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_forward  # ALST registered itself over transformers' sdpa
+    # ALST keeps its groups in module globals with no public teardown short of destroying WORLD: release them
+    for group in {mpu.get_sequence_parallel_group(), mpu.get_sequence_data_parallel_group()}:
+        dcomm.destroy_process_group(group)
+    parallel_state_sp._release_sequence_parallel_groups()
+    groups.mpu = None
 
 
 def train_with_alst_engine_dynamic_pad(info, cfg_values: dict, capture_grads: bool = False) -> dict | None:

@@ -107,31 +107,68 @@ def train_with_hf_trainer(info, cfg_values: dict, capture_grads: bool = False, f
     import torch.distributed as dist
     from accelerate.utils import ParallelismConfig
     from accelerate.utils.dataclasses import DeepSpeedSequenceParallelConfig
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from runtime.config import DTYPES, from_dict
-    from runtime.models import build_model, model_config
+    from runtime.models import build_model
     from runtime.optim import build_optimizer
-    from runtime.records import build_schedule, load_tokenizer
 
     cfg = from_dict(cfg_values)
     sp, ga, world = cfg.sequence_parallel_size, cfg.gradient_accumulation_steps, dist.get_world_size()
-    dp, rank = world // sp, dist.get_rank()
-    tok = load_tokenizer(cfg.model_name_or_path)
-    schedule = build_schedule(cfg, dp, tok, model_config(cfg.model_name_or_path).vocab_size)
-    steps = schedule.steps(cfg.max_steps, cfg.num_train_epochs)
-    every = [[mb for s in range(steps) for mb in schedule.micro_batches(s, d, tok.pad_id)] for d in range(dp)]
-    longest = max(mb.seq_len for mbs in every for mb in mbs)
-    batches = [hf_batch(mb, -(-(longest if fixed_length else mb.seq_len) // sp) * sp, tok.pad_id)
-               for mb in every[rank // sp]]  # this replica's, in the reference's order
+    batches, steps = _replica_batches(cfg, world, dist.get_rank(), fixed_length)
     model = build_model(cfg.model_name_or_path, DTYPES[cfg.dtype], "sdpa", seed=cfg.seed)
     optimizer, scheduler = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], steps)
     ds = hf_deepspeed_config(cfg.deepspeed)
     pc = ParallelismConfig(sp_size=sp, sp_backend="deepspeed", sp_handler=DeepSpeedSequenceParallelConfig(
         sp_seq_length_is_variable=True, sp_attn_implementation="sdpa"))
     record = {"losses": [], "micro": 0, "held": 0, "steps": []}
+    trainer_class, step_end = _trainer_classes(batches, sp, dist.get_rank(), ga, world, record)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.per_device_train_batch_size,
+                                 gradient_accumulation_steps=ga, max_steps=steps, max_grad_norm=cfg.max_grad_norm,
+                                 logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+                                 seed=cfg.seed, dataloader_pin_memory=False, deepspeed=ds, parallelism_config=pc)
+        trainer = trainer_class(model=model, args=args, optimizers=(optimizer, scheduler), callbacks=[step_end])
+        try:
+            trainer.train()
+            intercepted = ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
+        finally:
+            _release(ALL_ATTENTION_FUNCTIONS, sdpa_attention_forward)
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    metrics = [{**m, "grad_norm": float(g)} for m, g in zip(record["steps"], norms)]
+    if info.rank != 0:
+        return None
+    return {"metrics": metrics, "grads": None, "grad_step": 0, "eval": [],
+            "attention": ATTENTION if intercepted else model.config._attn_implementation, "sp_attention": ATTENTION}
+
+
+def _replica_batches(cfg, world: int, rank: int, fixed_length: bool) -> tuple[list[dict], int]:
+    """(this rank's DP replica's micro-batches as HF batches, in the reference's order; the step count). Lengths are
+    padded to a multiple of SP: of the run's longest row (`fixed_length`) or of each micro-batch's own."""
+    from runtime.models import model_config
+    from runtime.records import build_schedule, load_tokenizer
+
+    sp = cfg.sequence_parallel_size
+    dp = world // sp
+    tok = load_tokenizer(cfg.model_name_or_path)
+    schedule = build_schedule(cfg, dp, tok, model_config(cfg.model_name_or_path).vocab_size)
+    steps = schedule.steps(cfg.max_steps, cfg.num_train_epochs)
+    every = [[mb for s in range(steps) for mb in schedule.micro_batches(s, d, tok.pad_id)] for d in range(dp)]
+    longest = max(mb.seq_len for mbs in every for mb in mbs)
+    return [hf_batch(mb, -(-(longest if fixed_length else mb.seq_len) // sp) * sp, tok.pad_id)
+            for mb in every[rank // sp]], steps
+
+
+def _trainer_classes(batches: list[dict], sp: int, rank: int, ga: int, world: int, record: dict):
+    """(a Trainer subclass that feeds `batches` in the reference's order and counts what each step holds and
+    sends; a callback that closes each step's record into record["steps"])."""
+    import torch.distributed as dist
+    from transformers import Trainer, TrainerCallback
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     sent = [0.0, sp]  # the attention's bytes of the current step (reset in place: the wrapper holds the list)
 
     class OrderedTrainer(Trainer):
@@ -160,23 +197,7 @@ def train_with_hf_trainer(info, cfg_values: dict, capture_grads: bool = False, f
             sent[0] = 0.0
             return control
 
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=cfg.per_device_train_batch_size,
-                                 gradient_accumulation_steps=ga, max_steps=steps, max_grad_norm=cfg.max_grad_norm,
-                                 logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-                                 seed=cfg.seed, dataloader_pin_memory=False, deepspeed=ds, parallelism_config=pc)
-        trainer = OrderedTrainer(model=model, args=args, optimizers=(optimizer, scheduler), callbacks=[StepEnd()])
-        try:
-            trainer.train()
-            intercepted = ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
-        finally:
-            _release(ALL_ATTENTION_FUNCTIONS, sdpa_attention_forward)
-    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
-    metrics = [{**m, "grad_norm": float(g)} for m, g in zip(record["steps"], norms)]
-    if info.rank != 0:
-        return None
-    return {"metrics": metrics, "grads": None, "grad_step": 0, "eval": [],
-            "attention": ATTENTION if intercepted else model.config._attn_implementation, "sp_attention": ATTENTION}
+    return OrderedTrainer, StepEnd()
 
 
 def _release(attention_functions, sdpa_forward) -> None:
