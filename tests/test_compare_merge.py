@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from runtime.memory import MemoryFeatures
 from spbench.cli import main
 from spbench.common.errors import UsageError
 from spbench.common.schemas import COMPARE
@@ -99,6 +100,7 @@ def test_every_adapter_has_memory_features_the_runtime_accepts():
     for name, entry in table.items():
         assert entry["reason"], name
         setup_of(entry)  # raises for a configuration the runtime would refuse
+    assert setup_of(table["hf-accelerate-sp"]).features == MemoryFeatures.plain()  # a feature not named is off
     est = estimates(["deepspeed-alst", "deepspeed-alst-attention", "spbench"])
     assert est["deepspeed-alst"]["max_len"] > est["deepspeed-alst-attention"]["max_len"] > 0  # tiling helps
     assert all(e["peak_gib"] <= 80 and e["source"].startswith("estimated") for e in est.values())

@@ -6,6 +6,7 @@ memory model for the longest length that fits and the peak there. Nothing here i
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import resources
 
 import tomllib
@@ -27,13 +28,14 @@ def base_name(impl: str) -> str:
 def setup_of(entry: dict):
     """The memory model's Setup for one memory.toml entry (SFT, 8 GPUs of 80 GB); raises ValueError or the
     runtime's TopologyError for a configuration the runtime would refuse."""
-    from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, MemoryFeatures
+    from runtime.memory import AUTO, DEFAULT_LOSS_CHUNK, DEFAULT_NORM_CHUNK, MemoryFeatures
 
     from ..memory.setup import Setup
 
-    feats = MemoryFeatures(tiled_loss_chunk=DEFAULT_LOSS_CHUNK if entry["tiled_loss"] else None,
-                           tiled_mlp_chunks=AUTO if entry["tiled_mlp"] else None,
-                           checkpoint_offload=entry["checkpoint_offload"], gradient_checkpointing=True)
+    on = {"tiled_loss": ("tiled_loss_chunk", DEFAULT_LOSS_CHUNK), "tiled_mlp": ("tiled_mlp_chunks", AUTO),
+          "tiled_norm": ("tiled_norm_chunk", DEFAULT_NORM_CHUNK), "checkpoint_offload": ("checkpoint_offload", True)}
+    # plain transformers (every tiling and offload off, gradient checkpointing on), then what the entry turns on
+    feats = replace(MemoryFeatures.plain(), **{field: value for key, (field, value) in on.items() if entry[key]})
     return Setup(entry["model"], "sft", GPUS, GPU_MEM_GIB, entry["sp"], entry["zero"], frozenset(entry["offload"]),
                  feats, entry["strategy"])
 
@@ -45,7 +47,8 @@ def estimate(entry: dict) -> dict:
     setup = setup_of(entry)
     max_len = maxlen_for(setup)
     peak = peak_memory(setup, max_len) if max_len else None
-    keys = ("model", "strategy", "sp", "zero", "offload", "tiled_mlp", "tiled_loss", "checkpoint_offload", "reason")
+    keys = ("model", "strategy", "sp", "zero", "offload", "tiled_mlp", "tiled_loss", "tiled_norm", "checkpoint_offload",
+            "reason")
     return {**{k: entry[k] for k in keys}, "gpus": GPUS, "gpu_mem_gib": GPU_MEM_GIB, "max_len": max_len,
             "peak_gib": round(peak["total_gib"], 2) if peak else None, "phase": peak["phase"] if peak else None,
             "host_gib": round(peak["host_gib"], 1) if peak else None, "source": "estimated (memory model)"}
@@ -65,7 +68,7 @@ def estimates(impls) -> dict[str, dict]:
 
 def features_cell(row: dict) -> str:
     """The memory features of an estimate row, as one short Markdown cell."""
-    on = [name for key, name in (("tiled_mlp", "tiled MLP"), ("tiled_loss", "tiled loss"),
+    on = [name for key, name in (("tiled_mlp", "tiled MLP"), ("tiled_loss", "tiled loss"), ("tiled_norm", "tiled norm"),
                                   ("checkpoint_offload", "ckpt offload")) if row.get(key)]
     offload = "+".join(row.get("offload") or []) or "no"
     return (f"{row['strategy']} SP {row['sp']}, ZeRO-{row['zero']} ({offload} offload), "
