@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -85,11 +86,13 @@ def fake_rank(rank: int, world: int) -> Iterator[None]:
 
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised; run a fake step in a fresh process")
+    hook = sys.excepthook  # init wraps it to prefix "[rankN]:"; one fake rank after another would stack prefixes
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 @contextlib.contextmanager
