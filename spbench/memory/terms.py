@@ -191,13 +191,17 @@ def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
     post-attention RMSNorm backward: its fp32 input (4h), the residual gradient (2h), RMSNORM_BACKWARD_TEMPS fp32
     [n × h] temporaries (tiled: the residual and input gradients, 4h, and those temporaries for one chunk);
     attention backward (post-attention norm already freed): residual and output gradients, flash's fp32 dq
-    accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d), and the SP buffers (alive in attention only)."""
+    accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d), the SP buffers (alive in attention only) and, where
+    blocks of keys are visited one at a time (ring, zigzag, the hybrid's ring, allgather), the block backward's own
+    fp32 dq beside the ring's accumulator (4·H·d; runtime/attention/blockattn.py block_backward; traced)."""
     h = m.hidden
     mlp_phase = 12 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
     chunk = s.features.tiled_norm_chunk
     norm_phase = ((4 * h + 2 * h + RMSNORM_BACKWARD_TEMPS * 4 * h) * n if chunk is None
                   else 4 * h * n + RMSNORM_BACKWARD_TEMPS * 4 * h * min(n, chunk))
-    attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n + sp_buffer_bytes(s, m, n)
+    blockwise = s.sp > 1 and (s.sp_method == "allgather" or s.sp // s.ulysses > 1)
+    block_dq = 4 * m.heads * m.head_dim * n if blockwise else 0.0
+    attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n + sp_buffer_bytes(s, m, n) + block_dq
     return attention_saved_per_token(s, m) * n + max(mlp_phase, norm_phase, attn_phase)
 
 

@@ -95,18 +95,7 @@ def _tracker_class():
             return super()._track_module_params_and_buffers(module, install_grad_hooks=hooks)
 
         def _update_peak_stats(self, peak_state) -> None:
-            phase = "optimizer" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
-            host = self.host_bytes()
-            self.host_peak = max(self.host_peak, host)
-            for snap in self._curr_mem_snap.values():
-                device = snap[_TOTAL_KEY] - host
-                self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), device)
-                free = device - sum(snap.get(k, 0) for k in states)
-                if free > self.state_free_peak:
-                    self.state_free_peak, self.state_free_where = free, f"{phase}, {self._where()}"
-                if device > self.peak:
-                    self.peak, self.peak_phase, self.peak_snap = device, phase, dict(snap)
-                    self.peak_where = self._where()
+            _record_peaks(self, self._curr_mem_snap.values(), _TOTAL_KEY, states)
 
         def _where(self) -> str:
             """The innermost module running (its FQN) and the last op: where the peak is, for reading a trace."""
@@ -124,6 +113,22 @@ def _tracker_class():
             return out
 
     return PeakTracker
+
+
+def _record_peaks(tracker, snaps, total_key, states) -> None:
+    """After an op: the device total (less host copies), the state-free total, per-phase peaks, and where."""
+    phase = "optimizer" if tracker._in_opt else "backward" if tracker._mod_tracker.is_bw else "forward"
+    host = tracker.host_bytes()
+    tracker.host_peak = max(tracker.host_peak, host)
+    for snap in snaps:
+        device = snap[total_key] - host
+        tracker.phase_peaks[phase] = max(tracker.phase_peaks.get(phase, 0), device)
+        free = device - sum(snap.get(k, 0) for k in states)
+        if free > tracker.state_free_peak:
+            tracker.state_free_peak, tracker.state_free_where = free, f"{phase}, {tracker._where()}"
+        if device > tracker.peak:
+            tracker.peak, tracker.peak_phase, tracker.peak_snap = device, phase, dict(snap)
+            tracker.peak_where = tracker._where()
 
 
 def _host_bytes(trainer):
