@@ -33,7 +33,7 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
     if checked:
         head += " traced GiB | model − trace | traced peak at |"
         rule += "---:|---:|---|"
-    lines = [f"## Max trainable length ({path.name})", "", head, rule]
+    lines = [f"## Max trainable length ({path.parent.name}/{path.name})", "", head, rule]
     for r in sorted(doc["rows"], key=order):
         max_len = f"{r['max_len']:,}" if isinstance(r.get("max_len"), int) else "—"
         cells = [r.get("model", "?"), r.get("stage", "?"), r.get("variant", "—"), r.get("gpus", "?"),
