@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from runtime.memory import MemoryFeatures
 from runtime.models import model_config
 from spbench.common.units import GiB
+from spbench.memory import attnterms as at
 from spbench.memory import model as mm
 from spbench.memory import setup as ms
 from spbench.memory import terms as mt
@@ -203,12 +204,30 @@ def test_a_strategy_the_runtime_refuses_raises_its_message():
 
 def test_sp_buffers_follow_the_strategy():
     """7B, SP 8: zigzag = ring (same K/V blocks); hybrid u4×r2 = its Ulysses part + its ring part; allgather
-    holds the whole sequence's K/V and so the most."""
+    holds the whole sequence's K/V, their fp32 gradients and the bf16 casts, and so the most."""
     n = 4096
     m = mm.shape_of("qwen2.5-7b")
-    buf = {k: mt.sp_buffer_bytes(_setup(model="qwen2.5-7b", gpus=8, sp=8, sp_method=k), m, n)
+    buf = {k: at.sp_buffer_bytes(_setup(model="qwen2.5-7b", gpus=8, sp=8, sp_method=k), m, n)
            for k in ("ring", "zigzag", "hybrid", "allgather")}
     kv = max(m.kv_heads, 4) * m.head_dim  # the hybrid's Ulysses degree 4 = kv heads: nothing replicated
     assert buf["zigzag"] == buf["ring"] == (2 * 2 * 2 + 2 * 4) * m.kv_heads * m.head_dim * n
     assert buf["hybrid"] == 2 * (2 * m.hidden + 2 * 2 * kv) * n + (2 * 2 * 2 + 2 * 4) * kv * n
-    assert buf["allgather"] == 2 * 2 * 2 * m.kv_heads * m.head_dim * n * 8 > max(buf["ring"], buf["hybrid"])
+    assert buf["allgather"] == (2 * 2 + 2 * 4 + 2 * 2) * m.kv_heads * m.head_dim * n * 8 > max(buf["ring"], buf["hybrid"])
+
+
+def test_cuda_kernel_bytes_follow_the_kernel():
+    """The GPU kernel's own bytes join the attention backward: cuDNN / cuda-flash expand K/V (and their gradients)
+    to every head for GQA on top of the fp32 dq accumulator, flash-attn only the accumulator, the trace's CPU kernel
+    nothing; a zigzag block's call covers half the tokens. A layer's backward grows by exactly that much where the
+    attention backward is its peak; an unknown kernel is refused."""
+    n, m = 1 << 17, mm.shape_of("qwen2.5-7b")
+    hd = m.heads * m.head_dim
+    setups = {k: _setup(model="qwen2.5-7b", gpus=8, sp=8, sp_method="zigzag", attention_kernel=k)
+              for k in ("cuda-cudnn", "cuda-flash", "flash-attn", "cpu-flash")}
+    extra = {k: at.cuda_kernel_bytes(s, m, n) for k, s in setups.items()}
+    assert extra["cuda-cudnn"] == extra["cuda-flash"] == (4 + 4 * 2) * hd * n / 2
+    assert extra["flash-attn"] == 4 * hd * n / 2 and extra["cpu-flash"] == 0
+    cpu = mt.layer_backward_bytes(setups["cpu-flash"], m, n)
+    assert mt.layer_backward_bytes(setups["cuda-cudnn"], m, n) - cpu == pytest.approx(extra["cuda-cudnn"])
+    with pytest.raises(ValueError, match="attention_kernel 'triton' unknown"):
+        _setup(attention_kernel="triton")

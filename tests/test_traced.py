@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from runtime.memory import MemoryFeatures
 from spbench.cli import main
@@ -50,13 +51,19 @@ def test_zero3_traced_peak_is_the_state_free_trace_plus_the_models_static_terms(
                   features=MemoryFeatures(tiled_loss_chunk=32, tiled_mlp_chunks=4), sp_method="zigzag")
     r = traced_setup_peak(setup, 4096)
     terms = peak_memory(setup, 4096)["terms"]
-    assert r["from_model"] == [*ZERO_STATIC_TERMS, "step phase"]
-    static = sum(terms[t] for t in ZERO_STATIC_TERMS)
-    assert r["traced_gib"] == pytest.approx(max(static + r["trace"]["state_free_peak_gib"],
-                                                peak_memory(setup, 4096)["phases"]["step"]))
+    assert r["from_model"] == [*ZERO_STATIC_TERMS, "step phase", "cuda_kernel"]
+    static, kernel = sum(terms[t] for t in ZERO_STATIC_TERMS), terms["cuda_kernel"]
+    free = max(r["trace"]["state_free_peak_gib"], r["trace"]["attention_state_free_peak_gib"] + kernel)
+    assert kernel > 0 and r["traced_gib"] == pytest.approx(max(static + free, peak_memory(setup, 4096)["phases"]["step"]))
     replica = traced_setup_peak(Setup("tiny", "sft", gpus=4, sp=4, features=setup.features, sp_method="zigzag"), 4096)
-    assert replica["from_model"] == ["workspace"]
-    assert replica["traced_gib"] == pytest.approx(replica["trace"]["peak_gib"] + terms["workspace"])
+    assert replica["from_model"] == ["workspace", "cuda_kernel"]
+    trace = replica["trace"]
+    assert trace["attention_peak_gib"] <= trace["peak_gib"]
+    assert replica["traced_gib"] == pytest.approx(max(trace["peak_gib"], trace["attention_peak_gib"] + kernel) + terms["workspace"])
+    cpu = traced_setup_peak(Setup("tiny", "sft", gpus=4, sp=4, features=setup.features, sp_method="zigzag",
+                                  attention_kernel="cpu-flash"), 4096)  # the trace's own kernel: nothing added
+    assert cpu["from_model"] == ["workspace"]
+    assert cpu["traced_gib"] == pytest.approx(cpu["trace"]["peak_gib"] + terms["workspace"])
     with pytest.raises(NotTraceable, match="LoRA"):
         traced_setup_peak(Setup("tiny", "sft", finetuning="lora"), 256)
 
@@ -69,7 +76,7 @@ def test_maxlen_trace_search_brackets_the_traced_limit(tmp_path, capsys):
     assert main(["maxlen", "--model", "tiny", "--gpus", "2", "--sp", "2", "--zero", "0", "--offload", "none",
                  "--gpu-mem", "0.8", "--no-tiled-loss", "--no-tiled-mlp", "--trace", "search", "--resolution", "1024", "--out", str(out)]) == 0
     row = json.loads((out / "maxlen.json").read_text())["rows"][0]
-    assert row["source"] == "traced" and row["from_model"] == ["workspace"] and row["max_len"] > 0
+    assert row["source"] == "traced" and row["from_model"] == ["workspace", "cuda_kernel"] and row["max_len"] > 0
     probes = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     by_len = {p["length"]: p["status"] for p in probes}
     assert by_len[row["max_len"]] == "ok" and by_len[row["failed_above"]] == "exceeds"
@@ -80,3 +87,60 @@ def test_maxlen_trace_search_brackets_the_traced_limit(tmp_path, capsys):
 def test_trace_refuses_estimate(tmp_path, capsys):
     assert main(["maxlen", "--model", "tiny", "--trace", "check", "--estimate", "--out", str(tmp_path / "x")]) == 2
     assert "--trace runs on the CPU" in capsys.readouterr().err
+
+
+def _ring_peak(zigzag: bool, backward: bool, heads=4, kv_heads=2, dim=8, tokens=64, sp=4) -> int:
+    """Peak live bytes of ring_forward or ring_backward on SP rank 0 (fake tensors and process group), inputs
+    included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from runtime.attention.blockattn import SeqMeta
+    from runtime.attention.kernels import KERNELS
+    from runtime.attention.ring import ring_backward, ring_forward
+    from runtime.layout import ShardPlan
+    from spbench.memory.step import fake_rank
+
+    meta = SeqMeta.build(ShardPlan.for_length(tokens * sp, sp, 1, zigzag), tokens * sp, True)
+    kernel = KERNELS["cpu-flash"]
+    with fake_rank(0, sp), FakeTensorMode(allow_non_fake_inputs=True):
+        q, dout = (torch.empty(1, heads, tokens, dim, dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.empty(1, kv_heads, tokens, dim, dtype=torch.bfloat16) for _ in range(2))
+        tracker = MemTracker()
+        if backward:
+            out, lse = ring_forward(q, k, v, None, meta, kernel, 0.1, None)
+            tracker.track_external(q, k, v, dout, out, lse)
+        else:
+            tracker.track_external(q, k, v)
+        with tracker:
+            if backward:
+                ring_backward(dout, q, k, v, out, lse, None, meta, kernel, 0.1, None)
+            else:
+                ring_forward(q, k, v, None, meta, kernel, 0.1, None)
+    return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+
+
+def test_zigzag_ring_backward_holds_no_block_sized_copy():
+    """A zigzag block is two kernel calls per step (its two halves); their gradients go straight into the ring's
+    accumulators. Its peak exceeds the contiguous ring's (one call per block) by exactly the half-size contiguous
+    copies of dout, q, out and lse, less the smaller dq of a half call: (n/2)·H·(3·2d − 2d + 4) bytes (K/V's half
+    copies cancel against their halved gradients). Measured, tiny shapes: 4608 bytes. Mutants seen failing:
+    a block-sized float32 dq/dk/dv per step beside the accumulators (+16896 B; +8.4·H·d per token at 7B shapes),
+    a piece's gradients kept alive into the next piece's call (+8704 B)."""
+    heads, kv_heads, dim, tokens = 4, 2, 8, 64
+    zig, ring = (_ring_peak(z, True, heads, kv_heads, dim, tokens) for z in (True, False))
+    assert zig - ring == tokens // 2 * heads * (3 * 2 * dim - 2 * dim + 4), (zig, ring)
+
+
+@pytest.mark.parametrize("zigzag", [True, False])
+def test_ring_forward_merges_in_place(zigzag):
+    """The ring forward merges each kernel call into its float32 accumulator in place: its peak over q, k, v and
+    the K/V blocks in flight is the accumulators (4·H·d + 4·H per token), the bf16 result (2·H·d) and the call's
+    output (2·H·d) — no float32 copy of out (the functional merge held four more). Measured over inputs and the K/V
+    in flight, tiny shapes: zigzag 10,880 B, ring 16,640 B, budget 17,408 B. Mutant seen failing: the functional
+    merge in the ring forward (zigzag 41,984 B, ring 37,888 B)."""
+    heads, kv_heads, dim, tokens = 4, 2, 8, 64
+    peak = _ring_peak(zigzag, False, heads, kv_heads, dim, tokens)
+    inputs = 2 * tokens * (heads + 2 * kv_heads) * dim  # q, k, v in bf16
+    in_flight = 2 * 2 * tokens * kv_heads * dim  # the next K/V block
+    assert peak - inputs - in_flight <= tokens * heads * (4 * dim + 4 + 2 * dim + 2 * dim), peak

@@ -1,5 +1,5 @@
 """Ring attention (contiguous or zigzag layout): K/V travel around the ring, partial
-results merge with the stable LSE form (blockattn.merge).
+results merge into fp32 accumulators with the stable LSE form (blockattn.merge_into).
 
 Forward, rank r of P, step t = 0..P−1: attend my queries to the K/V block of rank
 (r − t) mod P while sending it on to r + 1. Backward: the K/V blocks travel again, each
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..comm import CommCounter, RingComm, group_rank, group_size
-from .blockattn import SeqMeta, block_backward, block_forward, merge
+from .blockattn import SeqMeta, block_backward_into, block_forward_into
 from .kernels import Kernel
 
 
@@ -36,8 +36,7 @@ def ring_forward(q, k, v, group, meta: SeqMeta, kernel: Kernel, scale: float, co
         if step < size - 1:
             k_next, v_next = comm.send_recv(k), comm.send_recv(v)
             comm.commit()
-        o, l = block_forward(q, k, v, segs(rank), segs((rank - step) % size), meta, kernel, scale)
-        out, lse = merge(out, lse, o, l)
+        block_forward_into(out, lse, q, k, v, segs(rank), segs((rank - step) % size), meta, kernel, scale)
         if step < size - 1:
             comm.wait()
             k, v = k_next, v_next
@@ -59,9 +58,8 @@ def ring_backward(dout, q, k, v, out, lse, group, meta: SeqMeta, kernel: Kernel,
         if not last:
             k_next, v_next = kv_comm.send_recv(k), kv_comm.send_recv(v)
             kv_comm.commit()
-        gq, gk, gv = block_backward(dout, q, k, v, out, lse, segs(rank), segs((rank - step) % size), meta, kernel, scale)
-        dq += gq
-        dk, dv = dk + gk, dv + gv
+        block_backward_into((dq, dk, dv), dout, q, k, v, out, lse, segs(rank), segs((rank - step) % size), meta,
+                            kernel, scale)
         # After the last step the accumulators belong to rank+1's block: the final hop takes them home.
         dk_next, dv_next = grad_comm.send_recv(dk), grad_comm.send_recv(dv)
         grad_comm.commit()

@@ -24,7 +24,7 @@ from ..common.results import writable_folder
 from ..common.schemas import MAXLEN_SUITE
 from ..common.suites import read_suite
 from ..memory.maxlen import Target, run_targets
-from ..memory.setup import CUDA_CONTEXT_GIB, FINETUNING, SP_METHODS, STAGES, Setup
+from ..memory.setup import CUDA_CONTEXT_GIB, FINETUNING, MODELLED_KERNELS, SP_METHODS, STAGES, Setup
 
 EPILOG = """examples:
   spbench maxlen --model qwen2.5-7b                                   # 8 × 80 GiB, SP 8, ZeRO-3 + offload, estimated
@@ -50,7 +50,11 @@ def add_arguments(p) -> None:
     p.add_argument("--gpus", type=int, help="GPUs in the job (default 8)")
     p.add_argument("--gpu-mem", type=float, help="GiB per GPU as the driver reports it (default 80)")
     p.add_argument("--sp", help="SP size(s), comma separated (default: --gpus)")
-    p.add_argument("--sp-method", choices=SP_METHODS, help="SP strategy (default ulysses)")
+    p.add_argument("--sp-method", choices=SP_METHODS,
+                   help="SP strategy (default auto: ulysses where the runtime can split the heads, else hybrid)")
+    p.add_argument("--attention-kernel", choices=MODELLED_KERNELS[:3],
+                   help="the GPU's attention kernel (default cuda-cudnn, what the runtime's auto picks; cuda-cudnn and "
+                        "cuda-flash expand K/V for GQA, flash-attn does not)")
     p.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0|2|3 (0: no DeepSpeed; default 3)")
     p.add_argument("--offload", help="none, optimizer, param or optimizer,param (default optimizer,param)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -93,7 +97,7 @@ def load_suite(name: str) -> dict:
     source, doc = read_suite(name, "maxlen", prefix="maxlen")
     if doc.get("schema") != MAXLEN_SUITE:
         raise UsageError(f"suite {source}: schema must be {MAXLEN_SUITE!r}, got {doc.get('schema')!r}")
-    known = {"schema", "description", "models", "stages", "gpus", "gpu_mem_gib", "sp", "sp_method", "zero",
+    known = {"schema", "description", "models", "stages", "gpus", "gpu_mem_gib", "sp", "sp_method", "attention_kernel", "zero",
              "offload", "resolution", "variants"}
     extra = set(doc) - known
     if extra:
@@ -158,6 +162,7 @@ def build_targets(args) -> tuple[list[Target], int]:
     sp_method = pick(args.sp_method, "sp_method", "auto")
     if sp_method not in SP_METHODS:
         raise UsageError(f"sp_method {sp_method!r} unknown; use {', '.join(SP_METHODS)}")
+    kernel = _gpu_kernel(pick(args.attention_kernel, "attention_kernel", MODELLED_KERNELS[0]))
     resolution = _int("--resolution", pick(args.resolution, "resolution", 1024))
     if resolution < 1:
         raise UsageError(f"--resolution must be >= 1 token, got {resolution}")
@@ -175,9 +180,15 @@ def build_targets(args) -> tuple[list[Target], int]:
         variants = [(v.get("name"), _variant_features(v, f"suite {args.suite!r}"), *_variant_lora(v, args))
                     for v in suite["variants"]]
     targets = [Target(name, Setup(m, st, gpus, gpu_mem, sp, zero, frozenset(offload), feats, sp_method,
-                                  finetuning=ft, lora_rank=rank))
+                                  finetuning=ft, lora_rank=rank, attention_kernel=kernel))
                for m in models for st in stages for name, feats, ft, rank in variants for sp in sps]
     return targets, resolution
+
+
+def _gpu_kernel(name: str) -> str:
+    if name not in MODELLED_KERNELS[:3]:
+        raise UsageError(f"attention_kernel {name!r} unknown; use {', '.join(MODELLED_KERNELS[:3])}")
+    return name
 
 
 def _variant_lora(v: dict, args) -> tuple[str, int]:

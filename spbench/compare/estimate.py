@@ -37,7 +37,7 @@ def setup_of(entry: dict):
     # plain transformers (every tiling and offload off, gradient checkpointing on), then what the entry turns on
     feats = replace(MemoryFeatures.plain(), **{field: value for key, (field, value) in on.items() if entry[key]})
     return Setup(entry["model"], "sft", GPUS, GPU_MEM_GIB, entry["sp"], entry["zero"], frozenset(entry["offload"]),
-                 feats, entry["strategy"])
+                 feats, entry["strategy"], attention_kernel=entry["attention_kernel"])
 
 
 def estimate(entry: dict) -> dict:
@@ -47,7 +47,7 @@ def estimate(entry: dict) -> dict:
     setup = setup_of(entry)
     max_len = maxlen_for(setup)
     peak = peak_memory(setup, max_len) if max_len else None
-    keys = ("model", "strategy", "sp", "zero", "offload", "tiled_mlp", "tiled_loss", "tiled_norm", "checkpoint_offload",
+    keys = ("model", "strategy", "attention_kernel", "sp", "zero", "offload", "tiled_mlp", "tiled_loss", "tiled_norm", "checkpoint_offload",
             "reason")
     return {**{k: entry[k] for k in keys}, "gpus": GPUS, "gpu_mem_gib": GPU_MEM_GIB, "max_len": max_len,
             "peak_gib": round(peak["total_gib"], 2) if peak else None, "phase": peak["phase"] if peak else None,

@@ -79,7 +79,7 @@ def _row(target: Target, max_len: int, source: str, peak_gib, **extra) -> dict:
     return {"model": s.model, "stage": s.stage, "variant": target.variant, "gpus": s.gpus,
             "gpu_mem_gib": s.gpu_mem_gib, "sp": s.sp, "zero": s.zero, "offload": ",".join(sorted(s.offload)) or "none",
             "sp_method": s.sp_method, "ulysses": s.ulysses, "ring": s.sp // s.ulysses,
-            "features": s.features.to_json(), "finetuning": s.finetuning,
+            "attention_kernel": s.attention_kernel, "features": s.features.to_json(), "finetuning": s.finetuning,
             **({"lora_rank": s.lora_rank} if s.finetuning == "lora" else {}), "max_len": max_len, "source": source,
             "peak_gib": peak_gib, **extra}
 

@@ -31,6 +31,7 @@ from runtime.memory import MemoryFeatures
 
 from ..common.schemas import MEASUREMENTS as MEASUREMENTS_SCHEMA
 from ..common.units import GiB
+from .attnterms import cuda_kernel_bytes, sp_buffer_bytes
 from .setup import Setup, Shape, shape_of, tokens_per_gpu, usable_bytes
 from .terms import (
     ACT,
@@ -45,7 +46,6 @@ from .terms import (
     param_bytes,
     reference_forward_bytes,
     reference_param_bytes,
-    sp_buffer_bytes,
     step_temp_bytes,
     workspace_bytes,
 )
@@ -76,7 +76,8 @@ def peak_memory(setup: Setup, length: int, shape: Shape | None = None) -> dict:
         "final_hidden": final_hidden_bytes(s, m, n),
         "loss": loss_bytes(s, m, n),
         "layer_backward": layer_backward_bytes(s, m, n),
-        "sp_buffers": sp_buffer_bytes(s, m, n),
+        "sp_buffers": sp_buffer_bytes(s, m, n),  # in layer_backward, as the next one
+        "cuda_kernel": cuda_kernel_bytes(s, m, n),
         "reference_forward": reference_forward_bytes(s, m, n),
     }
     base = t["params"] + t["reference_params"] + t["gathered_params"] + t["optimizer_states"] + t["workspace"]

@@ -24,6 +24,8 @@ is 131.6 GiB: every measured success (≤ 119.6 GiB) fits and the 3B SFT 64k OOM
 allocated) does not. Not separately measured."""
 
 STAGES = ("sft", "dpo")
+MODELLED_KERNELS = ("cuda-cudnn", "cuda-flash", "flash-attn", "cpu-flash")
+"""Attention kernels the memory model knows (Setup.attention_kernel); the first is the GPU default."""
 FINETUNING = ("full", "lora")
 SP_METHODS = ("auto", *METHODS)
 """The runtime's strategies, or auto: ulysses when the runtime can split the model's heads over the SP size,
@@ -117,6 +119,10 @@ class Setup:
     """full | lora: with lora only the adapters have gradients and optimizer states, and DPO has no second model."""
     lora_rank: int = 8
     lora_target: str = "all"
+    attention_kernel: str = "cuda-cudnn"
+    """The runtime's attention kernel (runtime/attention/kernels.py names): cuda-cudnn, what `auto` picks on a GPU, and
+    cuda-flash expand K/V to every head for GQA; flash-attn takes GQA as it is; cpu-flash is what the fake-tensor
+    trace runs (GQA native, no CUDA accumulator), for checking the model against a trace (memory/traced.py)."""
     ulysses: int = field(init=False, default=1)
     """The Ulysses degree the runtime resolves for sp_method (ring degree = sp / ulysses)."""
 
@@ -129,6 +135,8 @@ class Setup:
         if self.gpus < 1 or self.sp < 1 or self.gpus % self.sp:
             raise ValueError(f"sp={self.sp} must be >= 1 and divide gpus={self.gpus}")
         check_offload(self.zero, tuple(sorted(self.offload)))
+        if self.attention_kernel not in MODELLED_KERNELS:
+            raise ValueError(f"attention_kernel {self.attention_kernel!r} unknown; use {', '.join(MODELLED_KERNELS)}")
         if self.sp_method not in SP_METHODS:
             raise ValueError(f"sp_method {self.sp_method!r} unknown; choose from {', '.join(SP_METHODS)}")
         m = shape_of(self.model)

@@ -10,9 +10,8 @@ import math
 from runtime.memory import AUTO
 
 from ..common.units import GiB
+from .attnterms import ACT, attention_backward_bytes, kv_heads_local
 from .setup import Setup, Shape
-
-ACT = 2  # bytes per activation element (bf16)
 
 LOGITS_COPIES = 3.0
 """fp32 [tokens × vocab] copies live at the loss's peak (log-softmax backward: its saved output, the
@@ -132,12 +131,6 @@ def host_bytes(s: Setup, m: Shape, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------ activation terms (bytes)
-def kv_heads_local(s: Setup, m: Shape) -> int:
-    """kv heads a GPU's attention sees, summed over the full sequence: Ulysses (alone or in the hybrid)
-    replicates kv heads up to its degree (DESIGN.md), ring, zigzag and allgather keep them."""
-    return max(m.kv_heads, s.ulysses) if s.ulysses > 1 else m.kv_heads
-
-
 def norm_saved_per_token(s: Setup, m: Shape, input_held: bool = False) -> float:
     """What one RMSNorm saves for backward, per token. transformers' RMSNorm: its fp32 input (4h), the bf16 cast the
     weight multiplies (2h), the bf16 output the next linear saves (2h) (traced). The tiled RMSNorm
@@ -190,19 +183,13 @@ def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
     token the MLP's saved 8I plus 4I of gradients;
     post-attention RMSNorm backward: its fp32 input (4h), the residual gradient (2h), RMSNORM_BACKWARD_TEMPS fp32
     [n × h] temporaries (tiled: the residual and input gradients, 4h, and those temporaries for one chunk);
-    attention backward (post-attention norm already freed): residual and output gradients, flash's fp32 dq
-    accumulator, dq/dk/dv (2h + 2h + 4h + 2h + 2·2·Hk'·d), the SP buffers (alive in attention only) and, where
-    blocks of keys are visited one at a time (ring, zigzag, the hybrid's ring, allgather), the block backward's own
-    fp32 dq beside the ring's accumulator (4·H·d; runtime/attention/blockattn.py block_backward; traced)."""
+    attention backward (post-attention norm already freed): `attention_backward_bytes`."""
     h = m.hidden
     mlp_phase = 12 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
     chunk = s.features.tiled_norm_chunk
     norm_phase = ((4 * h + 2 * h + RMSNORM_BACKWARD_TEMPS * 4 * h) * n if chunk is None
                   else 4 * h * n + RMSNORM_BACKWARD_TEMPS * 4 * h * min(n, chunk))
-    blockwise = s.sp > 1 and (s.sp_method == "allgather" or s.sp // s.ulysses > 1)
-    block_dq = 4 * m.heads * m.head_dim * n if blockwise else 0.0
-    attn_phase = (10 * h + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n + sp_buffer_bytes(s, m, n) + block_dq
-    return attention_saved_per_token(s, m) * n + max(mlp_phase, norm_phase, attn_phase)
+    return attention_saved_per_token(s, m) * n + max(mlp_phase, norm_phase, attention_backward_bytes(s, m, n))
 
 
 def checkpoint_bytes(s: Setup, m: Shape, n: int) -> float:
@@ -233,24 +220,6 @@ def loss_bytes(s: Setup, m: Shape, n: int) -> float:
     grad = 2 * m.vocab * m.hidden
     accumulate = LM_HEAD_GRAD_COPIES * grad if n > chunk else 0.0
     return max(LOGITS_COPIES * 4 * m.vocab * min(n, chunk) + grad, accumulate) + 8 * n
-
-
-def sp_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
-    """SP communication buffers during attention, per strategy (Hk' = kv_heads_local, u / r = Ulysses / ring
-    degree). Ulysses part (u > 1): all-to-all send + receive copies of q, k, v (2 × (2h + 2·2·Hk'·d) per
-    token). Ring part (ring, zigzag, hybrid with r > 1): the current and the next K/V block (2 × 2·2·Hk'·d) and
-    fp32 dK/dV accumulators (2·4·Hk'·d) per token — after the hybrid's all-to-all a rank holds u× the tokens
-    with 1/u of the heads, the same bytes. Allgather: every rank's K and V gathered and their gradients
-    before the reduce-scatter (2 × 2·2·Hk·d per token of the whole sequence, n·sp tokens; derived from
-    runtime/attention/allgather.py, not measured). None without SP."""
-    if s.sp == 1:
-        return 0.0
-    kv = kv_heads_local(s, m) * m.head_dim
-    if s.sp_method == "allgather":
-        return 2 * 2 * ACT * kv * n * s.sp
-    ulysses = 2 * (2 * m.hidden + 2 * ACT * kv) * n if s.ulysses > 1 else 0.0
-    ring = (2 * 2 * ACT * kv + 2 * 4 * kv) * n if s.sp // s.ulysses > 1 else 0.0
-    return ulysses + ring
 
 
 def reference_forward_bytes(s: Setup, m: Shape, n: int) -> float:

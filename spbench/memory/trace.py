@@ -77,6 +77,7 @@ def _tracker_class():
             self.flop_registry = flop_registry if count_flops else {}
             self.flops = 0
             self.peak = self.state_free_peak = self.host_peak = 0
+            self.attention_peak = self.attention_state_free_peak = 0  # inside an attention module's backward
             self.peak_phase: str | None = None
             self.peak_where = self.state_free_where = self.last_op = ""
             self.peak_snap: dict = {}
@@ -116,14 +117,20 @@ def _tracker_class():
 
 
 def _record_peaks(tracker, snaps, total_key, states) -> None:
-    """After an op: the device total (less host copies), the state-free total, per-phase peaks, and where."""
+    """After an op: the device total (less host copies), the state-free total, per-phase peaks, the attention
+    backward's peaks (where a CUDA kernel adds what the CPU one does not: memory/terms.py cuda_kernel_bytes), and
+    where."""
     phase = "optimizer" if tracker._in_opt else "backward" if tracker._mod_tracker.is_bw else "forward"
+    attention = phase == "backward" and any("self_attn" in p for p in tracker._mod_tracker.parents)
     host = tracker.host_bytes()
     tracker.host_peak = max(tracker.host_peak, host)
     for snap in snaps:
         device = snap[total_key] - host
         tracker.phase_peaks[phase] = max(tracker.phase_peaks.get(phase, 0), device)
         free = device - sum(snap.get(k, 0) for k in states)
+        if attention:
+            tracker.attention_peak = max(tracker.attention_peak, device)
+            tracker.attention_state_free_peak = max(tracker.attention_state_free_peak, free)
         if free > tracker.state_free_peak:
             tracker.state_free_peak, tracker.state_free_where = free, f"{phase}, {tracker._where()}"
         if device > tracker.peak:
@@ -148,7 +155,8 @@ def traced_peak(spec: StepSpec, rank: int = 0) -> dict:
 
     Returns {"schema", "model", "stage", "length", "tokens" (this rank's), "sp", "method", "rank", "dtype",
     "features", "peak_bytes", "peak_gib" (device memory), "state_free_peak_gib" (device memory less parameters,
-    gradients, optimizer states), "host_peak_gib" (checkpoint offload's CPU copies), "peak_phase" ("forward" |
+    gradients, optimizer states), "attention_peak_gib" and "attention_state_free_peak_gib" (the same inside attention
+    backward), "host_peak_gib" (checkpoint offload's CPU copies), "peak_phase" ("forward" |
     "backward" | "optimizer"), "peak_where" (module and op), "phase_peak_gib", "by_category_gib" (the tensors live at the peak: parameter, buffer,
     gradient, activation, temp, optstate, other; host copies included; MemTracker may file recomputed activations
     under act or temp, the total is exact), "attention_ops", "trace_s"}."""
@@ -187,6 +195,8 @@ def peak_record(spec: StepSpec, rank: int, tracker, tokens: int) -> dict:
         "sp": spec.sp, "method": spec.method, "rank": rank, "dtype": spec.dtype, "features": spec.features.to_json(),
         "peak_bytes": int(tracker.peak), "peak_gib": tracker.peak / GiB,
         "state_free_peak_gib": tracker.state_free_peak / GiB, "state_free_where": tracker.state_free_where,
+        "attention_peak_gib": tracker.attention_peak / GiB,
+        "attention_state_free_peak_gib": tracker.attention_state_free_peak / GiB,
         "host_peak_gib": tracker.host_peak / GiB, "peak_phase": tracker.peak_phase, "peak_where": tracker.peak_where,
         "phase_peak_gib": {k: v / GiB for k, v in tracker.phase_peaks.items()}, "by_category_gib": by_cat,
         "attention_ops": sorted(tracker.attention_ops),
@@ -194,13 +204,14 @@ def peak_record(spec: StepSpec, rank: int, tracker, tokens: int) -> dict:
 
 
 def analytic_for(traced: dict) -> dict:
-    """memmodel's prediction for the traced setup (no ZeRO: every rank a full replica, SP as traced), and its error
+    """memmodel's prediction for the traced setup (no ZeRO: every rank a full replica, SP as traced, the CPU
+    attention kernel the trace runs), and its error
     against the trace with and without the model's GPU-only `workspace` term (error = predicted/traced − 1)."""
     from . import model as mm
 
     features = MemoryFeatures(**traced["features"])
     setup = mm.Setup(traced["model"], traced["stage"], gpus=traced["sp"], sp=traced["sp"], features=features,
-                     sp_method=traced["method"])
+                     sp_method=traced["method"], attention_kernel="cpu-flash")
     pred = mm.peak_memory(setup, traced["length"])
     no_ws = pred["total_gib"] - pred["terms"]["workspace"]
     return {"analytic_gib": pred["total_gib"], "analytic_phase": pred["phase"],

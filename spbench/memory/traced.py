@@ -11,6 +11,10 @@ returns the device peak it implies. Which parts are traced and which come from t
   peak of everything but parameters, gradients and optimizer states (`state_free_peak_gib`); the model gives the
   static terms the ZeRO setup holds through the step (resident and gathered parameters, the reference's, optimizer
   states, the gradient partition and bucket, workspace), and the optimizer step's phase as a whole.
+* The attention kernel: the trace runs the CPU kernel (GQA native, no workspace); a GPU runs a CUDA kernel that
+  expands K/V for GQA and keeps an fp32 dq accumulator. Those bytes (memory/terms.py cuda_kernel_bytes, derived,
+  not traced) join the trace's attention-backward peak, listed as "cuda_kernel" (a Setup with
+  attention_kernel="cpu-flash" adds none).
 
 Rank 0 stands for every rank: for unpacked full-length rows (the maxlen data) every SP rank holds tensors of the
 same shapes under every strategy (tests/test_traced.py traces all ranks of each strategy and finds equal peaks).
@@ -44,9 +48,10 @@ def spec_for(setup: Setup, length: int) -> StepSpec:
 
 def from_model(setup: Setup) -> tuple[str, ...]:
     """The model terms that `traced_setup_peak` adds to the trace for `setup` (module doc)."""
+    kernel = () if setup.attention_kernel == "cpu-flash" else ("cuda_kernel",)
     if setup.zero == 0 and not setup.offload:
-        return ("workspace",)
-    return (*ZERO_STATIC_TERMS, "step phase")
+        return ("workspace", *kernel)
+    return (*ZERO_STATIC_TERMS, "step phase", *kernel)
 
 
 def traced_setup_peak(setup: Setup, length: int, rank: int = 0) -> dict:
@@ -59,17 +64,21 @@ def traced_setup_peak(setup: Setup, length: int, rank: int = 0) -> dict:
 
 
 def composed_peak(setup: Setup, length: int, trace: dict) -> dict:
-    """`traced_setup_peak`'s dict from a trace (memory/trace.py's dict) of `spec_for(setup, length)`."""
+    """`traced_setup_peak`'s dict from a trace (memory/trace.py's dict) of `spec_for(setup, length)`. The CUDA
+    kernel's own bytes (memory/terms.py cuda_kernel_bytes) join the trace's attention-backward peak."""
     pred = peak_memory(setup, length)
     terms = from_model(setup)
-    if terms == ("workspace",):
-        traced = trace["peak_gib"] + pred["terms"]["workspace"]
-        phase = trace["peak_phase"]
+    kernel = pred["terms"]["cuda_kernel"]
+    if terms[0] == "workspace":
+        ws = pred["terms"]["workspace"]
+        traced = max(trace["peak_gib"], trace["attention_peak_gib"] + kernel) + ws
+        phase = trace["peak_phase"] if traced == trace["peak_gib"] + ws else "backward (attention)"
     else:
         static = sum(pred["terms"][t] for t in ZERO_STATIC_TERMS)
-        activations = static + trace["state_free_peak_gib"]
-        traced = max(activations, pred["phases"]["step"])
-        phase = "step (model)" if traced > activations else trace["state_free_where"].split(", ")[0]
+        free = max(trace["state_free_peak_gib"], trace["attention_state_free_peak_gib"] + kernel)
+        traced = max(static + free, pred["phases"]["step"])
+        phase = ("step (model)" if traced > static + free else "backward (attention)"
+                 if free > trace["state_free_peak_gib"] else trace["state_free_where"].split(", ")[0])
     return {"length": length, "traced_gib": traced, "model_gib": pred["total_gib"],
             "error": pred["total_gib"] / traced - 1, "fits": traced * GiB <= usable_bytes(setup.gpu_mem_gib),
             "from_model": list(terms), "peak_phase": phase, "model_phase": pred["phase"],
@@ -109,5 +118,5 @@ def check_row(row: dict, setup: Setup) -> dict:
     except NotTraceable as e:
         return {**row, "trace_skipped": str(e)}
     return {**row, "traced_gib": r["traced_gib"], "trace_error": r["error"], "traced_phase": r["peak_phase"],
-            "traced_where": r["trace"]["state_free_where"] if r["from_model"] != ["workspace"] else r["trace"]["peak_where"],
+            "traced_where": r["trace"]["peak_where"] if r["from_model"][0] == "workspace" else r["trace"]["state_free_where"],
             "traced_host_gib": r["host_gib"], "from_model": r["from_model"], "trace_s": round(r["trace_s"], 1)}

@@ -1,0 +1,94 @@
+"""The memory model's attention terms: what SP attention holds per GPU, strategy by strategy (memory/terms.py
+adds them into a layer's backward; the notation is terms.py's: h hidden, H/Hk heads/kv heads, d head dim).
+
+Checked against traces of the trainer's step (memory/trace.py, CPU kernel, Qwen2.5-7B / Llama-3.1-8B, SP 8, 1M
+tokens, 2026-12-01): the attention backward's live bytes per token, model / trace − 1: ring −2.3 %, zigzag +3.7 %,
+hybrid +7.0 %, ulysses +7.9 %, allgather +11.3 % (the model errs on the safe side but for ring). The CUDA kernel's own
+bytes (`cuda_kernel_bytes`) are derived from the code, not traced or measured.
+"""
+from __future__ import annotations
+
+from .setup import Setup, Shape
+
+ACT = 2  # bytes per activation element (bf16)
+
+
+def kv_heads_local(s: Setup, m: Shape) -> int:
+    """kv heads a GPU's attention sees, summed over the full sequence: Ulysses (alone or in the hybrid)
+    replicates kv heads up to its degree (DESIGN.md), ring, zigzag and allgather keep them."""
+    return max(m.kv_heads, s.ulysses) if s.ulysses > 1 else m.kv_heads
+
+
+def blockwise(s: Setup) -> bool:
+    """Keys visited block by block into an fp32 accumulator (ring, zigzag, the hybrid's ring, allgather)."""
+    return s.sp > 1 and (s.sp_method == "allgather" or s.sp // s.ulysses > 1)
+
+
+def kernel_calls_per_block(s: Setup) -> int:
+    """Kernel calls per (query block, key block) pair: 2 where the zigzag layout gives a block two halves (zigzag,
+    the hybrid's ring, allgather's queries; the pair's visible halves), else 1 (runtime/attention/blockattn.py)."""
+    return 2 if blockwise(s) and s.sp_method != "ring" else 1
+
+
+def attention_backward_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Live bytes of the attention backward beside the block's saved tensors: the larger of two moments (traced,
+    memory/trace.py, CPU kernel, 7B SP 8 at 1M tokens). At a kernel call: residual and output gradients (2h + 2h),
+    the call's dq (2·H·d / calls) and dk/dv (2·2·Hk'·d), the ring's K/V blocks and accumulators (or allgather's
+    gathered K/V); blockwise, the fp32 dq accumulator (4·H·d); for blocks of two halves, the halves' contiguous
+    copies of dout, q, out and lse less the smaller dq ((2·H·d + 2·H); tests/test_traced.py holds it exact); a pure
+    ring's contiguous copy of dout (2·H·d; after an all-to-all it is contiguous already); and on CUDA
+    `cuda_kernel_bytes`. At Ulysses' all-to-all of dq/dk/dv back to the sequence layout: the residual gradient,
+    dq/dk/dv and the all-to-all's send and receive copies (the kernel's temporaries are gone by then)."""
+    hd, calls = m.heads * m.head_dim, kernel_calls_per_block(s)
+    kv = ACT * kv_heads_local(s, m) * m.head_dim
+    grads = 4 * m.hidden + ACT * hd / calls + 2 * kv
+    accumulator = 4 * hd if blockwise(s) else 0.0
+    halves = 2 * hd + 2 * m.heads if calls == 2 else 0.0
+    # a pure ring's incoming gradient is the transposed view of o_proj's input gradient: RingAttention copies it
+    copy = ACT * hd if s.sp_method in ("ring", "zigzag") and s.sp > 1 else 0.0
+    kernel = (grads + accumulator + halves + copy) * n + ring_buffer_bytes(s, m, n) + cuda_kernel_bytes(s, m, n)
+    exchange = (2 * m.hidden + ACT * hd + 2 * kv) * n + ulysses_buffer_bytes(s, m, n) if s.ulysses > 1 else 0.0
+    return max(kernel, exchange)
+
+
+def cuda_kernel_bytes(s: Setup, m: Shape, n: int) -> float:
+    """What a CUDA kernel call adds (none for cpu-flash, the trace's): its fp32 dq accumulator (4·H·d per query) and,
+    for cuda-cudnn / cuda-flash with GQA, K and V expanded to every head with their gradients before the fold
+    (4·2·H·d per key: runtime/attention/kernels.py _expand_kv; flash-attn takes GQA as it is); per call, a half
+    block where blocks have two halves. Derived from the code and flash-attention's backward, not traced or
+    measured."""
+    if s.attention_kernel == "cpu-flash":
+        return 0.0
+    hd = m.heads * m.head_dim
+    expands = s.attention_kernel in ("cuda-cudnn", "cuda-flash") and kv_heads_local(s, m) < m.heads
+    expand = 4 * ACT * hd if expands else 0.0
+    return (4 * hd + expand) * n / kernel_calls_per_block(s)
+
+
+def sp_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
+    """SP communication buffers during attention, per strategy (Hk' = kv_heads_local, u / r = Ulysses / ring
+    degree): `ulysses_buffer_bytes` + `ring_buffer_bytes` (a report term; attention_backward_bytes holds each at
+    the moment it is alive). None without SP."""
+    return ulysses_buffer_bytes(s, m, n) + ring_buffer_bytes(s, m, n)
+
+
+def ulysses_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Ulysses part (u > 1): an all-to-all's send + receive copies of q, k, v (or their gradients): 2 × (2h +
+    2·2·Hk'·d) per token."""
+    if s.sp == 1 or s.ulysses == 1 or s.sp_method == "allgather":
+        return 0.0
+    return 2 * (2 * m.hidden + 2 * ACT * kv_heads_local(s, m) * m.head_dim) * n
+
+
+def ring_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
+    """Ring part (ring, zigzag, hybrid with r > 1): the current and the next K/V block (2 × 2·2·Hk'·d) and fp32
+    dK/dV accumulators (2·4·Hk'·d) per token — after the hybrid's all-to-all a rank holds u× the tokens with 1/u
+    of the heads, the same bytes (traced). Allgather, per token of the whole sequence (n·sp tokens): every rank's K
+    and V gathered (2·2·Hk·d), their fp32 gradients (2·4·Hk·d) and those cast to bf16 for the reduce-scatter
+    (2·2·Hk·d), all alive at the casts (traced, 7B SP 8)."""
+    if s.sp == 1:
+        return 0.0
+    kv = kv_heads_local(s, m) * m.head_dim
+    if s.sp_method == "allgather":
+        return (2 * ACT + 2 * 4 + 2 * ACT) * kv * n * s.sp
+    return (2 * 2 * ACT * kv + 2 * 4 * kv) * n if s.sp // s.ulysses > 1 else 0.0
