@@ -144,3 +144,44 @@ def test_ring_forward_merges_in_place(zigzag):
     inputs = 2 * tokens * (heads + 2 * kv_heads) * dim  # q, k, v in bf16
     in_flight = 2 * 2 * tokens * kv_heads * dim  # the next K/V block
     assert peak - inputs - in_flight <= tokens * heads * (4 * dim + 4 + 2 * dim + 2 * dim), peak
+
+
+def _ring_backward_clones(transposed: bool, heads=4, kv_heads=2, dim=8, tokens=64, sp=4) -> int:
+    """aten.clone calls (what .contiguous() copies with) in the backward of ring attention on SP rank 0, for q/k/v
+    given contiguous or as the transposed views RoPE hands over ([b, s, H, d] memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from runtime.attention.blockattn import SeqMeta
+    from runtime.attention.kernels import KERNELS
+    from runtime.attention.ring import ring_attention
+    from runtime.layout import ShardPlan
+    from spbench.memory.step import fake_rank
+
+    class Clones(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Clones.count += func is torch.ops.aten.clone.default
+            return func(*args, **(kwargs or {}))
+
+    def make(h):
+        x = torch.empty(1, tokens, h, dim, dtype=torch.bfloat16).transpose(1, 2) if transposed else \
+            torch.empty(1, h, tokens, dim, dtype=torch.bfloat16)
+        return x.requires_grad_()
+
+    meta = SeqMeta.build(ShardPlan.for_length(tokens * sp, sp, 1, False), tokens * sp, True)
+    with fake_rank(0, sp), FakeTensorMode(allow_non_fake_inputs=True):
+        q, k, v = make(heads), make(kv_heads), make(kv_heads)
+        out, _ = ring_attention(q, k, v, None, meta, KERNELS["cpu-flash"], 0.1)
+        with Clones():
+            out.backward(torch.empty_like(out))
+    return Clones.count
+
+
+def test_ring_saves_q_k_v_contiguous():
+    """RoPE hands attention transposed views; the ring saves them contiguous once, so its backward copies no more
+    than for contiguous inputs (else each of the P steps' kernel calls copies q, k, v: 2·H·d + 4·Hk·d bytes per token
+    at the backward's peak, traced at 7B). Mutant seen failing: the forward's .contiguous() removed (3 clones vs 0:
+    rank 0 has one visible block, its diagonal)."""
+    assert _ring_backward_clones(True) == _ring_backward_clones(False)

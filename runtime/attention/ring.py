@@ -76,6 +76,8 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, group, meta, kernel, scale, counter):
+        # saved contiguous (RoPE's q is a transposed view): else every backward step's kernel call copies them
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse = ring_forward(q, k, v, group, meta, kernel, scale, counter)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (group, meta, kernel, scale, counter)

@@ -31,24 +31,26 @@ def kernel_calls_per_block(s: Setup) -> int:
 
 
 def attention_backward_bytes(s: Setup, m: Shape, n: int) -> float:
-    """Live bytes of the attention backward beside the block's saved tensors: the larger of two moments (traced,
-    memory/trace.py, CPU kernel, 7B SP 8 at 1M tokens). At a kernel call: residual and output gradients (2h + 2h),
-    the call's dq (2·H·d / calls) and dk/dv (2·2·Hk'·d), the ring's K/V blocks and accumulators (or allgather's
-    gathered K/V); blockwise, the fp32 dq accumulator (4·H·d); for blocks of two halves, the halves' contiguous
-    copies of dout, q, out and lse less the smaller dq ((2·H·d + 2·H); tests/test_traced.py holds it exact); a pure
-    ring's contiguous copy of dout (2·H·d; after an all-to-all it is contiguous already); and on CUDA
-    `cuda_kernel_bytes`. At Ulysses' all-to-all of dq/dk/dv back to the sequence layout: the residual gradient,
-    dq/dk/dv and the all-to-all's send and receive copies (the kernel's temporaries are gone by then)."""
+    """Live bytes of the attention backward beside the block's saved tensors, less o_proj's saved input (2h; its
+    backward has run): the larger of two moments (traced, memory/trace.py, CPU kernel, 7B SP 8 at 1M tokens).
+    At a kernel call: residual and output gradients (2h + 2h), a whole call's dq (2·H·d) and dk/dv (2·2·Hk'·d),
+    the ring's K/V blocks and accumulators (or allgather's gathered K/V); blockwise, the fp32 dq accumulator
+    (4·H·d); for blocks of two halves, the halves' contiguous copies of dout, q, out and lse less a half call's
+    smaller dq ((2·H·d + 2·H); tests/test_traced.py holds it exact); a pure ring's contiguous copy of dout (2·H·d;
+    after an all-to-all it is contiguous already); and on CUDA `cuda_kernel_bytes`. At Ulysses' all-to-all of
+    dq/dk/dv back to the sequence layout: the residual gradient, dq/dk/dv and the all-to-all's send and receive
+    copies (the kernel's temporaries are gone by then)."""
     hd, calls = m.heads * m.head_dim, kernel_calls_per_block(s)
     kv = ACT * kv_heads_local(s, m) * m.head_dim
-    grads = 4 * m.hidden + ACT * hd / calls + 2 * kv
+    o_proj_input = 2 * m.hidden  # saved by o_proj, whose backward has run: not alive here
+    grads = 4 * m.hidden + ACT * hd + 2 * kv
     accumulator = 4 * hd if blockwise(s) else 0.0
     halves = 2 * hd + 2 * m.heads if calls == 2 else 0.0
     # a pure ring's incoming gradient is the transposed view of o_proj's input gradient: RingAttention copies it
     copy = ACT * hd if s.sp_method in ("ring", "zigzag") and s.sp > 1 else 0.0
     kernel = (grads + accumulator + halves + copy) * n + ring_buffer_bytes(s, m, n) + cuda_kernel_bytes(s, m, n)
     exchange = (2 * m.hidden + ACT * hd + 2 * kv) * n + ulysses_buffer_bytes(s, m, n) if s.ulysses > 1 else 0.0
-    return max(kernel, exchange)
+    return max(kernel, exchange) - o_proj_input * n
 
 
 def cuda_kernel_bytes(s: Setup, m: Shape, n: int) -> float:

@@ -179,13 +179,14 @@ def layer_saved_bytes(s: Setup, m: Shape, n: int) -> float:
 
 def layer_backward_bytes(s: Setup, m: Shape, n: int) -> float:
     """Peak of one layer's (recompute +) backward: the attention block's saved tensors plus the largest of
-    MLP backward: post-attention RMSNorm's saved 8h, incoming and MLP-input gradients (4h), and per MLP
+    MLP backward: post-attention RMSNorm's saved tensors (8h; tiled 4h: norm_saved_per_token, traced at
+    Llama-3.1-8B SP 8, 1M tokens), incoming and MLP-input gradients (4h), and per MLP
     token the MLP's saved 8I plus 4I of gradients;
     post-attention RMSNorm backward: its fp32 input (4h), the residual gradient (2h), RMSNORM_BACKWARD_TEMPS fp32
     [n × h] temporaries (tiled: the residual and input gradients, 4h, and those temporaries for one chunk);
     attention backward (post-attention norm already freed): `attention_backward_bytes`."""
     h = m.hidden
-    mlp_phase = 12 * h * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
+    mlp_phase = (norm_saved_per_token(s, m) + 4 * h) * n + (mlp_saved_per_token(m) + 2 * ACT * m.intermediate) * mlp_tokens(s, m, n)
     chunk = s.features.tiled_norm_chunk
     norm_phase = ((4 * h + 2 * h + RMSNORM_BACKWARD_TEMPS * 4 * h) * n if chunk is None
                   else 4 * h * n + RMSNORM_BACKWARD_TEMPS * 4 * h * min(n, chunk))
