@@ -54,6 +54,12 @@ def test_cost_command_prints_the_table_and_json(tmp_path, capsys):
     assert [r["length"] for r in rows] == [128, 256]
     doc = json.loads(out.read_text())
     assert doc["schema"] == "spbench.cost/1" and len(doc["rows"]) == 2 and doc["provenance"]["backend"] == "fake"
+    assert all(r["attention_kernel"] == "cuda-cudnn" and "cuda_kernel" in r["memory"]["from_model"] for r in rows)
+    # the trace's own kernel: the model alone against the trace, nothing of a GPU kernel's added to either
+    assert main(["cost", "--model", "tiny", "--length", "128", "--sp", "2", "--method", "zigzag", "--zero", "0",
+                 "--offload", "none", "--attention-kernel", "cpu-flash", "--no-balance", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["attention_kernel"] == "cpu-flash" and row["memory"]["from_model"] == ["workspace"]
 
 
 @pytest.mark.parametrize("argv,message", [

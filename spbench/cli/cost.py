@@ -25,7 +25,7 @@ from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
 from ..common.schemas import COST
 from ..common.table import format_table
-from ..memory.setup import SP_METHODS, STAGES, Setup
+from ..memory.setup import MODELLED_KERNELS, SP_METHODS, STAGES, Setup
 
 EPILOG = """examples:
   spbench cost --model qwen2.5-7b --length 1048576 --sp 8                       # hybrid u4×r2 (28 heads), ZeRO-3
@@ -49,6 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-tiled-mlp", action="store_true", help="untiled MLP")
     p.add_argument("--no-tiled-norm", action="store_true", help="transformers' RMSNorm (untiled)")
     p.add_argument("--checkpoint-offload", action="store_true", help="checkpointed hidden states in CPU memory")
+    p.add_argument("--attention-kernel", choices=MODELLED_KERNELS, default=MODELLED_KERNELS[0],
+                   help="the kernel the model describes (default cuda-cudnn, a GPU's; its own bytes join the trace's "
+                        "attention peak); cpu-flash: the trace's own, to check the model against the trace alone")
     p.add_argument("--no-balance", action="store_true", help="skip the per-rank attention balance (SP more steps)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line per length")
     p.add_argument("--out", help="write the results as one JSON document (schema spbench.cost/1 rows)")
@@ -63,7 +66,7 @@ def setup_from(args) -> Setup:
     try:
         offload = parse_offload(args.offload)
         return Setup(args.model, args.stage, args.gpus or args.sp, args.gpu_mem, args.sp, args.zero,
-                     frozenset(offload), features, args.method)
+                     frozenset(offload), features, args.method, attention_kernel=args.attention_kernel)
     except (ValueError, ModelError, TopologyError) as e:
         raise UsageError(str(e)) from None
 

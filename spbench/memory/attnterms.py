@@ -1,10 +1,10 @@
 """The memory model's attention terms: what SP attention holds per GPU, strategy by strategy (memory/terms.py
 adds them into a layer's backward; the notation is terms.py's: h hidden, H/Hk heads/kv heads, d head dim).
 
-Checked against traces of the trainer's step (memory/trace.py, CPU kernel, Qwen2.5-7B / Llama-3.1-8B, SP 8, 1M
-tokens, 2026-12-01): the attention backward's live bytes per token, model / trace − 1: ring −2.3 %, zigzag +3.7 %,
-hybrid +7.0 %, ulysses +7.9 %, allgather +11.3 % (the model errs on the safe side but for ring). The CUDA kernel's own
-bytes (`cuda_kernel_bytes`) are derived from the code, not traced or measured.
+Checked against traces of the trainer's step (memory/trace.py, CPU kernel, ZeRO-3 + checkpoint offload, SP 8, 1M
+tokens, 2026-12-01; model / trace − 1 of the whole peak): zigzag −0.1 %, ulysses (Llama-3.1-8B) −0.3 %, hybrid
++4.6 %, ring +4.6 %, allgather +7.1 % (Qwen2.5-7B). The CUDA kernel's own bytes (`cuda_kernel_bytes`) are derived
+from the code, not traced or measured.
 """
 from __future__ import annotations
 

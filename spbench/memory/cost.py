@@ -50,7 +50,8 @@ def step_cost(setup: Setup, length: int, balance: bool = True) -> dict:
     sent = metrics["sp_comm_bytes"]
     out = {
         "schema": COST, "model": setup.model, "stage": setup.stage, "length": length, "sp": setup.sp,
-        "method": setup.sp_method, "ulysses": setup.ulysses, "gpus": setup.gpus, "gpu_mem_gib": setup.gpu_mem_gib,
+        "method": setup.sp_method, "ulysses": setup.ulysses, "attention_kernel": setup.attention_kernel,
+        "gpus": setup.gpus, "gpu_mem_gib": setup.gpu_mem_gib,
         "zero": setup.zero, "offload": sorted(setup.offload), "features": setup.features.to_json(),
         "rank_tokens": tokens,
         "memory": {k: memory[k] for k in ("traced_gib", "model_gib", "error", "fits", "from_model", "peak_phase",
