@@ -50,7 +50,7 @@ def rendered(parity_file, tmp_path_factory):
 def maxlen_file(tmp_path):
     base = {"model": "qwen-7b", "gpus": 8, "gpu_mem_gib": 80, "zero": 3, "variant": "ours"}  # rows as maxlen writes them
     rows = [{**base, "stage": "sft", "sp": 8, "offload": "none", "sp_method": "hybrid", "ulysses": 4, "ring": 2,
-             "max_len": 262144, "source": "estimated", "peak_gib": 74.25},
+             "attention_kernel": "flash-attn", "max_len": 262144, "source": "estimated", "peak_gib": 74.25},
             {**base, "stage": "sft", "sp": 4, "offload": "none", "sp_method": "ulysses", "ulysses": 4, "ring": 1,
              "max_len": 131072, "source": "measured", "peak_gib": 70.0},
             {**base, "stage": "dpo", "sp": 1, "offload": "optimizer,param", "sp_method": "ulysses", "ulysses": 1,
@@ -85,9 +85,9 @@ def test_parity_plots_exist_and_are_linked(rendered):
 def test_maxlen_table_sorted_with_source(maxlen_file, tmp_path):
     md = report.render([maxlen_file], tmp_path / "out").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| qwen-7b")]
-    assert rows == ["| qwen-7b | dpo | plain | 8 | 80 | 1 | ulysses | 3 | optimizer,param | — | — | estimated |",
-                    "| qwen-7b | sft | ours | 8 | 80 | 4 | ulysses | 3 | none | 131,072 | 70.0 | measured |",
-                    "| qwen-7b | sft | ours | 8 | 80 | 8 | hybrid u4×r2 | 3 | none | 262,144 | 74.2 | estimated |"]
+    assert rows == ["| qwen-7b | dpo | plain | 8 | 80 | 1 | ulysses | — | 3 | optimizer,param | — | — | estimated |",
+                    "| qwen-7b | sft | ours | 8 | 80 | 4 | ulysses | — | 3 | none | 131,072 | 70.0 | measured |",
+                    "| qwen-7b | sft | ours | 8 | 80 | 8 | hybrid u4×r2 | flash-attn | 3 | none | 262,144 | 74.2 | estimated |"]
     assert not list((tmp_path / "out").glob("*.png"))
 
 

@@ -1,10 +1,11 @@
 """The memory model's attention terms: what SP attention holds per GPU, strategy by strategy (memory/terms.py
 adds them into a layer's backward; the notation is terms.py's: h hidden, H/Hk heads/kv heads, d head dim).
 
-Checked against traces of the trainer's step (memory/trace.py, CPU kernel, ZeRO-3 + checkpoint offload, SP 8, 1M
-tokens, 2026-12-01; model / trace − 1 of the whole peak): zigzag −0.1 %, ulysses (Llama-3.1-8B) −0.3 %, hybrid
-+4.6 %, ring +4.6 %, allgather +7.1 % (Qwen2.5-7B). The CUDA kernel's own bytes (`cuda_kernel_bytes`) are derived
-from the code, not traced or measured.
+Checked against traces of the trainer's step at 1M tokens, SP 8, ZeRO-3 + checkpoint offload, the trace's own CPU
+kernel (reports/cost/strategies: `spbench cost --attention-kernel cpu-flash`, 2026-12-01; model / trace − 1 of the
+whole peak): Qwen2.5-7B zigzag −0.12 %, hybrid u4×r2 +1.75 %, ring +1.75 %, allgather +7.11 % (safe side: the
+casts' moment has no halves' copies); Llama-3.1-8B ulysses −0.26 %. The CUDA kernel's own bytes
+(`cuda_kernel_bytes`) are derived from the code, not traced or measured.
 """
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
                 r.get("sp") or 0, r.get("zero") or 0, str(r.get("offload")))
 
     checked = any("traced_gib" in r or "trace_skipped" in r for r in doc["rows"])
-    head = ("| model | stage | variant | GPUs | GPU mem GiB | SP | strategy | ZeRO | offload | max length | peak GiB "
-            "| source |")
-    rule = "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"
+    head = ("| model | stage | variant | GPUs | GPU mem GiB | SP | strategy | kernel | ZeRO | offload | max length "
+            "| peak GiB | source |")
+    rule = "|---|---|---|---:|---:|---:|---|---|---:|---|---:|---:|---|"
     if checked:
         head += " traced GiB | model − trace | traced peak at |"
         rule += "---:|---:|---|"
@@ -37,7 +37,8 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
     for r in sorted(doc["rows"], key=order):
         max_len = f"{r['max_len']:,}" if isinstance(r.get("max_len"), int) else "—"
         cells = [r.get("model", "?"), r.get("stage", "?"), r.get("variant", "—"), r.get("gpus", "?"),
-                 r.get("gpu_mem_gib", "?"), r.get("sp", "?"), strategy_label(r), r.get("zero", "?"),
+                 r.get("gpu_mem_gib", "?"), r.get("sp", "?"), strategy_label(r), r.get("attention_kernel", "—"),
+                 r.get("zero", "?"),
                  r.get("offload", "none"), max_len, _gib(r.get("peak_gib")), r.get("source", "?")]
         if checked:
             err = r.get("trace_error")
@@ -58,13 +59,14 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
 def cost_section(doc: dict, path: Path) -> list[str]:
     """`spbench cost` rows: per-rank traced peak vs model, FLOPs / ideal, bytes / minimum, attention balance."""
     lines = [f"## Cost of one step per rank ({path.name})", "",
-             "| model | stage | length | SP | strategy | ZeRO | rank tokens | traced GiB | model GiB | model − trace "
-             "| FLOPs / ideal | bytes / minimum | bytes / (min + explained) | attention max/mean |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | stage | length | SP | strategy | kernel | ZeRO | rank tokens | traced GiB | model GiB "
+             "| model − trace | FLOPs / ideal | bytes / minimum | bytes / (min + explained) | attention max/mean |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:
         m, b, bal = r["memory"], r["bytes"], r.get("attention_balance")
         lines.append(_row([r["model"], r["stage"], f"{r['length']:,}", r["sp"], strategy_label(
-            {"sp_method": r["method"], "ulysses": r["ulysses"], "ring": r["sp"] // r["ulysses"]}), r["zero"],
+            {"sp_method": r["method"], "ulysses": r["ulysses"], "ring": r["sp"] // r["ulysses"]}),
+            r.get("attention_kernel", "—"), r["zero"],
             f"{r['rank_tokens']:,}", f"{m['traced_gib']:.2f}", f"{m['model_gib']:.2f}", f"{m['error']:+.2%}",
             f"{r['flops']['ratio']:.4f}", "—" if b["ratio"] is None else f"{b['ratio']:.4f}",
             "—" if b["ratio_to_expected"] is None else f"{b['ratio_to_expected']:.4f}",
