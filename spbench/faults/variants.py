@@ -125,10 +125,10 @@ def _tiled_kv(x, u):
     return x if kv >= u else x.repeat(1, u // kv, 1, 1)
 
 
-def _naive_merge(out, lse, blk_out, blk_lse):
-    """F9: merge with raw exp(): overflows for large logits."""
+def _naive_merge_weights(lse, blk_lse):
+    """F9: the merge's weights from raw exp(): overflows for large logits (both merge and merge_into use them)."""
     a, b = torch.exp(lse), torch.exp(blk_lse)
-    return (out * a[..., None] + blk_out.to(out.dtype) * b[..., None]) / (a + b)[..., None], torch.log(a + b)
+    return torch.log(a + b), a / (a + b), b / (a + b)
 
 
 class _AllReduceBoth(torch.autograd.Function):
@@ -224,7 +224,7 @@ def _injection(fault: str, cfg: dict) -> contextlib.AbstractContextManager:
         "F6": lambda: swapped_function(runtime.attention.ulysses, "replicate_kv", _tiled_kv),
         "F7": lambda: swapped_function(runtime.data, "shard_batch", _no_document_mask(shard)),
         "F8": lambda: swapped_function(runtime.data, "shard_batch", _supervised_padding(shard)),
-        "F9": lambda: swapped_function(runtime.attention.blockattn, "merge", _naive_merge),
+        "F9": lambda: swapped_function(runtime.attention.blockattn, "_merge_weights", _naive_merge_weights),
         "F10": lambda: swapped_function(runtime.comm, "sum_shards", lambda x, g, c=None: _AllReduceBoth.apply(x, g, c)),
         "F11": lambda: swapped_function(runtime.losses, "token_logprobs", _untiled),
         "F12": lambda: _both(swapped(runtime.config.TrainConfig, "uses_sp_attention", property(lambda self: False)),
