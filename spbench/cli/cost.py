@@ -25,7 +25,7 @@ from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
 from ..common.schemas import COST
 from ..common.table import format_table
-from ..memory.setup import MODELLED_KERNELS, SP_METHODS, STAGES, Setup
+from ..memory.setup import GPU_KERNELS, MODELLED_KERNELS, SP_METHODS, STAGES, Setup
 
 EPILOG = """examples:
   spbench cost --model qwen2.5-7b --length 1048576 --sp 8                       # hybrid u4×r2 (28 heads), ZeRO-3
@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-tiled-mlp", action="store_true", help="untiled MLP")
     p.add_argument("--no-tiled-norm", action="store_true", help="transformers' RMSNorm (untiled)")
     p.add_argument("--checkpoint-offload", action="store_true", help="checkpointed hidden states in CPU memory")
-    p.add_argument("--attention-kernel", choices=MODELLED_KERNELS, default=MODELLED_KERNELS[0],
+    p.add_argument("--attention-kernel", choices=MODELLED_KERNELS, default=GPU_KERNELS[0],
                    help="the kernel the model describes (default cuda-cudnn, a GPU's; its own bytes join the trace's "
                         "attention peak); cpu-flash: the trace's own, to check the model against the trace alone")
     p.add_argument("--no-balance", action="store_true", help="skip the per-rank attention balance (SP more steps)")

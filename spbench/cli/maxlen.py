@@ -24,7 +24,7 @@ from ..common.results import writable_folder
 from ..common.schemas import MAXLEN_SUITE
 from ..common.suites import read_suite
 from ..memory.maxlen import Target, run_targets
-from ..memory.setup import CUDA_CONTEXT_GIB, FINETUNING, MODELLED_KERNELS, SP_METHODS, STAGES, Setup
+from ..memory.setup import CUDA_CONTEXT_GIB, FINETUNING, GPU_KERNELS, SP_METHODS, STAGES, Setup
 
 EPILOG = """examples:
   spbench maxlen --model qwen2.5-7b                                   # 8 × 80 GiB, SP 8, ZeRO-3 + offload, estimated
@@ -52,7 +52,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sp", help="SP size(s), comma separated (default: --gpus)")
     p.add_argument("--sp-method", choices=SP_METHODS,
                    help="SP strategy (default auto: ulysses where the runtime can split the heads, else hybrid)")
-    p.add_argument("--attention-kernel", choices=MODELLED_KERNELS[:3],
+    p.add_argument("--attention-kernel", choices=GPU_KERNELS,
                    help="the GPU's attention kernel (default cuda-cudnn, what the runtime's auto picks; cuda-cudnn and "
                         "cuda-flash expand K/V for GQA, flash-attn does not)")
     p.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0|2|3 (0: no DeepSpeed; default 3)")
@@ -162,7 +162,7 @@ def build_targets(args) -> tuple[list[Target], int]:
     sp_method = pick(args.sp_method, "sp_method", "auto")
     if sp_method not in SP_METHODS:
         raise UsageError(f"sp_method {sp_method!r} unknown; use {', '.join(SP_METHODS)}")
-    kernel = _gpu_kernel(pick(args.attention_kernel, "attention_kernel", MODELLED_KERNELS[0]))
+    kernel = _gpu_kernel(pick(args.attention_kernel, "attention_kernel", GPU_KERNELS[0]))
     resolution = _int("--resolution", pick(args.resolution, "resolution", 1024))
     if resolution < 1:
         raise UsageError(f"--resolution must be >= 1 token, got {resolution}")
@@ -186,8 +186,8 @@ def build_targets(args) -> tuple[list[Target], int]:
 
 
 def _gpu_kernel(name: str) -> str:
-    if name not in MODELLED_KERNELS[:3]:
-        raise UsageError(f"attention_kernel {name!r} unknown; use {', '.join(MODELLED_KERNELS[:3])}")
+    if name not in GPU_KERNELS:
+        raise UsageError(f"attention_kernel {name!r} unknown; use {', '.join(GPU_KERNELS)}")
     return name
 
 

@@ -24,8 +24,10 @@ is 131.6 GiB: every measured success (≤ 119.6 GiB) fits and the 3B SFT 64k OOM
 allocated) does not. Not separately measured."""
 
 STAGES = ("sft", "dpo")
-MODELLED_KERNELS = ("cuda-cudnn", "cuda-flash", "flash-attn", "cpu-flash")
-"""Attention kernels the memory model knows (Setup.attention_kernel); the first is the GPU default."""
+GPU_KERNELS = ("cuda-cudnn", "cuda-flash", "flash-attn")
+"""The GPU attention kernels the memory model knows; the first is the default (the runtime's auto on a GPU)."""
+MODELLED_KERNELS = (*GPU_KERNELS, "cpu-flash")
+"""Every kernel Setup.attention_kernel takes: the GPU ones and the fake-tensor trace's own."""
 FINETUNING = ("full", "lora")
 SP_METHODS = ("auto", *METHODS)
 """The runtime's strategies, or auto: ulysses when the runtime can split the model's heads over the SP size,
