@@ -28,12 +28,18 @@ def is_preset(name: str) -> bool:
     return name in presets()
 
 
-def model_config(name_or_path: str) -> PretrainedConfig:
-    """The transformers config of a preset name or a local checkpoint directory."""
+def model_config(name_or_path: str, num_layers: int | None = None) -> PretrainedConfig:
+    """The transformers config of a preset name or a local checkpoint directory. `num_layers` (presets only):
+    that many decoder layers instead of the preset's, every other field as shipped (memory traces at reduced
+    depth, spbench/memory/traced.py)."""
     table = presets()
+    if num_layers is not None and (name_or_path not in table or num_layers < 1):
+        raise ModelError(f"num_layers={num_layers}: a depth override needs a preset and ≥ 1 layer")
     if name_or_path in table:
         fields = dict(table[name_or_path])
         cls = _ARCH[fields.pop("architecture")]
+        if num_layers is not None:
+            fields["num_hidden_layers"] = num_layers
         return cls(**fields, use_cache=False)
     path = Path(name_or_path)
     if path.is_dir() and (path / "config.json").exists():
@@ -79,9 +85,11 @@ def check_attention_reachable(config: PretrainedConfig) -> None:
                          f"or a model that does (qwen2, llama, ...)")
 
 
-def build_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str, seed: int = 0) -> torch.nn.Module:
-    """A causal LM: presets get random weights from `seed`; checkpoint dirs load their weights."""
-    config = model_config(name_or_path)
+def build_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str, seed: int = 0,
+                num_layers: int | None = None) -> torch.nn.Module:
+    """A causal LM: presets get random weights from `seed`; checkpoint dirs load their weights. `num_layers`:
+    model_config's depth override (presets only)."""
+    config = model_config(name_or_path, num_layers)
     if attn_implementation != "sdpa":
         check_attention_reachable(config)
     config._attn_implementation = attn_implementation

@@ -107,10 +107,12 @@ class Trainer:
     `captured_grads` (step 0; LoRA: step 1, as its B starts at 0 and A's step-0 gradients are 0 on any layout).
     LoRA DPO takes its reference log-probs from the policy with adapters disabled; `separate_reference=True`
     builds a second, adapter-free model for them instead (the parity harness's independent SP-off path).
+    `build`: how the policy (and reference) model is made from (name, dtype, attention, seed); runtime.models'
+    build_model, or a memory trace's reduced-depth one (spbench/memory/traced.py).
     """
 
     def __init__(self, cfg: TrainConfig, pc: ParallelContext | None = None, schedule: StepSchedule | None = None,
-                 separate_reference: bool = False):
+                 separate_reference: bool = False, build: Callable[..., torch.nn.Module] = build_model):
         self.cfg = cfg
         self.pc = pc or single_process_context()
         sp = cfg.sequence_parallel_size
@@ -128,12 +130,12 @@ class Trainer:
         # SP off and nothing packed: transformers' own SDPA attention is the independent reference.
         attn_impl = register_sp_attention() if cfg.uses_sp_attention else "sdpa"
         with torch.device(self.device):  # weights made where they live: no host copy of a 7B model per rank
-            self.model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed), self.device)
+            self.model = placed(build(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed), self.device)
             self.peft = apply_lora(self.model, cfg) if cfg.finetuning_type == "lora" else None  # in place
             self.ref_model = None
             self.uses_reference = cfg.stage == "dpo" and cfg.pref_loss != "simpo"  # simpo is reference-free
             if self.uses_reference and (self.peft is None or separate_reference):
-                self.ref_model = placed(build_model(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed),
+                self.ref_model = placed(build(cfg.model_name_or_path, self.dtype, attn_impl, seed=cfg.seed),
                                         self.device)
                 self.ref_model.eval().requires_grad_(False)
         # One MLP chunk count for every rank and micro-batch, from the global shard length of the longest row the

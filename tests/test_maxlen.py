@@ -273,7 +273,7 @@ def test_feature_flags_and_plain_setup(tmp_path, capsys):
 
 def test_suite_expands_and_flags_override(tmp_path):
     cases, res = maxlen.build_targets(_parse(["--suite", str(SUITE), "--out", str(tmp_path)]))
-    assert res == 1024 and len(cases) == 7 * 2 * 4
+    assert res == 1024 and len(cases) == 9 * 2 * 4  # Qwen2.5 0.5B-72B, Llama-3.1 8B and 70B
     assert {c.variant for c in cases} == {"ours", "ours+ckpt-offload", "plain", "ours+lora"}
     assert {c.setup.finetuning for c in cases if c.variant == "ours+lora"} == {"lora"}
     assert all(c.setup.gpus == 8 and c.setup.gpu_mem_gib == 80 and c.setup.zero == 3

@@ -23,6 +23,7 @@ from ..common.errors import UsageError
 from ..common.results import writable_folder
 from ..common.schemas import MAXLEN_SUITE
 from ..common.suites import read_suite
+from ..memory.depth import TRACE_DEPTHS
 from ..memory.maxlen import Target, run_targets
 from ..memory.setup import CUDA_CONTEXT_GIB, FINETUNING, GPU_KERNELS, SP_METHODS, STAGES, Setup
 
@@ -36,6 +37,7 @@ EPILOG = """examples:
   spbench maxlen --model qwen2.5-0.5b --gpus 1 --zero 0 --offload none --out runs/maxlen --resume   # on a GPU
   spbench maxlen --model qwen2.5-7b --checkpoint-offload --trace search --resolution 65536   # traced on CPU
   spbench maxlen --suite maxlen-qwen2.5 --trace check --out reports/maxlen-trace             # model vs trace, every row
+  spbench maxlen --model qwen2.5-7b --checkpoint-offload --trace check --trace-depth full    # every layer traced
 """
 
 
@@ -72,6 +74,10 @@ def add_arguments(p) -> None:
                         "(spbench/memory/traced.py; ZeRO's static terms from the model). search: bracket and bisect "
                         "on traced peaks (rows labelled traced); check: one trace per row at the model's max length, "
                         "model vs trace")
+    p.add_argument("--trace-depth", choices=TRACE_DEPTHS,
+                   help="with --trace and ZeRO: extrapolated (default; the step traced at 2 and 3 decoder layers, "
+                        "extended linearly to the model's depth, byte-exact against full-depth traces: "
+                        "spbench/memory/depth.py) or full (every layer: slower by about depth / 5)")
     p.add_argument("--resume", action="store_true", help="skip probes already in <out>/probes.jsonl")
     p.add_argument("--out", default="out/maxlen", help="directory for probes.jsonl and maxlen.json (default out/maxlen; "
                    "publish with --out reports/maxlen)")
@@ -239,7 +245,9 @@ def run(args, probe_factory=None, gpus=None) -> int:
     extra = {} if gpus is None else {"gpus": gpus}
     if args.trace and (args.estimate or args.emulate):
         raise UsageError("--trace runs on the CPU: it cannot be combined with --estimate or --emulate")
+    if args.trace_depth and not args.trace:
+        raise UsageError("--trace-depth says how deep --trace traces: give --trace search or --trace check too")
     return run_targets(targets, resolution, Path(args.out), _command(args), estimate=args.estimate,
                        emulate=args.emulate, resume=args.resume, probe_timeout=args.probe_timeout, as_json=args.json,
-                       trace=args.trace,
+                       trace=args.trace, trace_depth=args.trace_depth or TRACE_DEPTHS[0],
                        probe_factory=probe_factory, **extra)

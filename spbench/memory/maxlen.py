@@ -107,10 +107,11 @@ def cuda_gpus() -> tuple[int, float]:
 
 def run_targets(targets: list[Target], resolution: int, out: Path, command: str, *, estimate: bool = False,
                 emulate: bool = False, resume: bool = False, probe_timeout: float = 1800, as_json: bool = False,
-                trace: str | None = None,
+                trace: str | None = None, trace_depth: str = "extrapolated",
                 probe_factory: Callable[[Target, str], Callable[[int], dict]] | None = None,
                 gpus: Callable[[], tuple[int, float]] = cuda_gpus) -> int:
-    """Measure or estimate every target; writes <out>/maxlen.json and prints the table. `probe_factory(target,
+    """Measure or estimate every target (`trace`: trace them, at `trace_depth`, memory/depth.py); writes
+    <out>/maxlen.json and prints the table. `probe_factory(target,
     backend)` → probe callable and `gpus()` → (count, GiB) let tests stand in for a GPU machine."""
     t0 = time.monotonic()
     gpus_here, device_gib = (0, 0.0) if estimate or trace else gpus()
@@ -121,7 +122,7 @@ def run_targets(targets: list[Target], resolution: int, out: Path, command: str,
                              f"{device_gib / t.setup.gpus:.1f} or less")
     log = ProbeLog(out / "probes.jsonl")
     if trace:
-        rows = [_trace(t, trace, resolution, log, resume) for t in targets]
+        rows = [_trace(t, trace, resolution, log, resume, trace_depth) for t in targets]
     else:
         rows = [_measure_or_estimate(t, how, gpus_here, resolution, log, resume, probe_timeout, probe_factory)
                 for t, how in plans]
@@ -154,17 +155,17 @@ def _measure_or_estimate(t: Target, how: str | None, gpus_here: int, resolution:
     return measured_row(t, outcome, resolution, how)
 
 
-def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool) -> dict:
+def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool, depth: str) -> dict:
     """A traced row (memory/traced.py): "search" brackets and bisects on traced peaks as a GPU search does on
-    measured ones; "check" traces the estimated row once, at the model's max length."""
+    measured ones; "check" traces the estimated row once, at the model's max length. `depth`: memory/depth.py."""
     from .traced import NotTraceable, TraceProbe, check_row
 
     row = estimate_row(t, resolution)
     if how == "check":
         print(f"maxlen: tracing {t.setup.model} {t.setup.stage} {t.variant} at {row['max_len']:,} ...", file=sys.stderr,
               flush=True)
-        return check_row(row, t.setup)
-    probe = TraceProbe(t.setup)
+        return check_row(row, t.setup, depth)
+    probe = TraceProbe(t.setup, depth)
     try:
         probe.check()
     except NotTraceable as e:
@@ -175,4 +176,4 @@ def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool) ->
     return _row(t, outcome.max_len, "traced", best.get("peak_gib"), predicted_gib=best.get("model_gib"),
                 failed_above=outcome.failed_above, resolution=resolution, probes=len(outcome.probes),
                 from_model=best.get("from_model"), peak_phase=best.get("peak_phase"), host_gib=best.get("host_gib"),
-                trace_s=best.get("trace_s"), estimated_max_len=row["max_len"])
+                trace_depth=best.get("trace_depth"), trace_s=best.get("trace_s"), estimated_max_len=row["max_len"])

@@ -31,8 +31,8 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
             "| peak GiB | source |")
     rule = "|---|---|---|---:|---:|---:|---|---|---:|---|---:|---:|---|"
     if checked:
-        head += " traced GiB | model − trace | traced peak at |"
-        rule += "---:|---:|---|"
+        head += " traced GiB | model − trace | layers traced | traced peak at |"
+        rule += "---:|---:|---|---|"
     lines = [f"## Max trainable length ({path.parent.name}/{path.name})", "", head, rule]
     for r in sorted(doc["rows"], key=order):
         max_len = f"{r['max_len']:,}" if isinstance(r.get("max_len"), int) else "—"
@@ -42,7 +42,7 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
                  r.get("offload", "none"), max_len, _gib(r.get("peak_gib")), r.get("source", "?")]
         if checked:
             err = r.get("trace_error")
-            cells += [_gib(r.get("traced_gib")), "—" if err is None else f"{err:+.2%}",
+            cells += [_gib(r.get("traced_gib")), "—" if err is None else f"{err:+.2%}", r.get("trace_depth", "—"),
                       r.get("traced_where") or r.get("trace_skipped") or "—"]
         lines.append(_row(cells))
     if checked:
@@ -50,7 +50,8 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
         worst = max(traced, key=lambda r: abs(r["trace_error"]), default=None)
         from_model = next((r["from_model"] for r in traced), [])
         lines += ["", f"Traced on CPU (fake tensors, fake process group, SP rank 0, the trainer's step); terms from "
-                  f"the model: {', '.join(from_model) or '—'}. {len(traced)} rows traced"
+                  f"the model: {', '.join(from_model) or '—'}; \"layers traced\" 2,3→L: the step traced at 2 and 3 "
+                  f"decoder layers, extrapolated to L (spbench/memory/depth.py). {len(traced)} rows traced"
                   + (f", largest model error {worst['trace_error']:+.2%} ({worst['model']} {worst['stage']} "
                      f"{worst['variant']})." if worst else ".")]
     return lines

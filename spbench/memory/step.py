@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -96,17 +97,19 @@ def fake_rank(rank: int, world: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fake_step(spec: StepSpec, rank: int = 0, overrides: dict | None = None, fake: bool = True) -> Iterator[tuple]:
+def fake_step(spec: StepSpec, rank: int = 0, overrides: dict | None = None, fake: bool = True,
+              layers: int | None = None) -> Iterator[tuple]:
     """ONE step of `spec` as SP rank `rank` of `spec.sp` (DP 1), in this process: yields (trainer, micro_batches)
     inside `FakeTensorMode` (shapes and dtypes only: a 7B model at 4M tokens allocates nothing) and, with SP, a fake
     process group; AdamW's states primed. The caller runs `trainer.step(0, micro_batches=..., read_back=False)`.
 
     The data (Python lists, small CPU tensors) is built first, outside the fake mode, and the step's data order
-    is memoised there. `overrides`: extra train config keys; `fake=False`: real tensors (small shapes)."""
+    is memoised there. `overrides`: extra train config keys; `fake=False`: real tensors (small shapes); `layers`:
+    the preset built with that many decoder layers (memory/depth.py's reduced-depth traces)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from runtime.config import from_dict
-    from runtime.models import model_config
+    from runtime.models import build_model, model_config
     from runtime.records import build_schedule, load_tokenizer
     from runtime.topology import single_process_context
     from runtime.train import Trainer, context_for
@@ -122,7 +125,7 @@ def fake_step(spec: StepSpec, rank: int = 0, overrides: dict | None = None, fake
         pc = context_for(cfg) if spec.sp > 1 else single_process_context()  # rank arithmetic: real tensors
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-                trainer = Trainer(cfg, pc, schedule=schedule)
+                trainer = Trainer(cfg, pc, schedule=schedule, build=functools.partial(build_model, num_layers=layers))
                 prime_optimizer(trainer)
                 yield trainer, micro_batches
         finally:

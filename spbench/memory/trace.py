@@ -82,6 +82,7 @@ def _tracker_class():
             self.peak_where = self.state_free_where = self.last_op = ""
             self.peak_snap: dict = {}
             self.phase_peaks: dict[str, int] = {}
+            self.phase_state_free_peaks: dict[str, int] = {}
             self.attention_ops: set[str] = set()
 
         def _pre_fw_hook(self, module, inputs) -> None:
@@ -128,6 +129,7 @@ def _record_peaks(tracker, snaps, total_key, states) -> None:
         device = snap[total_key] - host
         tracker.phase_peaks[phase] = max(tracker.phase_peaks.get(phase, 0), device)
         free = device - sum(snap.get(k, 0) for k in states)
+        tracker.phase_state_free_peaks[phase] = max(tracker.phase_state_free_peaks.get(phase, 0), free)
         if attention:
             tracker.attention_peak = max(tracker.attention_peak, device)
             tracker.attention_state_free_peak = max(tracker.attention_state_free_peak, free)
@@ -150,16 +152,17 @@ def _host_bytes(trainer):
     return live
 
 
-def traced_peak(spec: StepSpec, rank: int = 0) -> dict:
+def traced_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) -> dict:
     """Peak memory of one steady-state training step of `spec` on SP rank `rank`, traced on fake tensors.
 
     Returns {"schema", "model", "stage", "length", "tokens" (this rank's), "sp", "method", "rank", "dtype",
     "features", "peak_bytes", "peak_gib" (device memory), "state_free_peak_gib" (device memory less parameters,
-    gradients, optimizer states), "attention_peak_gib" and "attention_state_free_peak_gib" (the same inside attention
+    gradients, optimizer states; "phase_state_free_peak_gib" per phase), "attention_peak_gib" and "attention_state_free_peak_gib" (the same inside attention
     backward), "host_peak_gib" (checkpoint offload's CPU copies), "peak_phase" ("forward" |
     "backward" | "optimizer"), "peak_where" (module and op), "phase_peak_gib", "by_category_gib" (the tensors live at the peak: parameter, buffer,
     gradient, activation, temp, optstate, other; host copies included; MemTracker may file recomputed activations
-    under act or temp, the total is exact), "attention_ops", "trace_s"}."""
+    under act or temp, the total is exact), "attention_ops", "layers" (the depth traced), "trace_s"}. `layers`:
+    trace the preset at that many decoder layers (memory/depth.py; default the model's own)."""
     why = available()
     if why:
         raise RuntimeError(f"cannot trace memory: {why}")
@@ -169,9 +172,11 @@ def traced_peak(spec: StepSpec, rank: int = 0) -> dict:
     if not 0 <= rank < spec.sp:
         raise ValueError(f"rank {rank} is not an SP rank of sp={spec.sp}")
     t0 = time.perf_counter()
-    with fake_step(spec, rank) as (trainer, micro_batches):
+    with fake_step(spec, rank, layers=layers) as (trainer, micro_batches):
         tracker, metrics = traced_step(trainer, micro_batches)
-    return {**peak_record(spec, rank, tracker, metrics["rank_tokens"]), "trace_s": time.perf_counter() - t0}
+        depth = trainer.model.config.num_hidden_layers
+    return {**peak_record(spec, rank, tracker, metrics["rank_tokens"]), "layers": depth,
+            "trace_s": time.perf_counter() - t0}
 
 
 def traced_step(trainer, micro_batches, count_flops: bool = False) -> tuple:
@@ -199,6 +204,7 @@ def peak_record(spec: StepSpec, rank: int, tracker, tokens: int) -> dict:
         "attention_state_free_peak_gib": tracker.attention_state_free_peak / GiB,
         "host_peak_gib": tracker.host_peak / GiB, "peak_phase": tracker.peak_phase, "peak_where": tracker.peak_where,
         "phase_peak_gib": {k: v / GiB for k, v in tracker.phase_peaks.items()}, "by_category_gib": by_cat,
+        "phase_state_free_peak_gib": {k: v / GiB for k, v in tracker.phase_state_free_peaks.items()},
         "attention_ops": sorted(tracker.attention_ops),
     }
 

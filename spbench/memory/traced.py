@@ -16,6 +16,10 @@ returns the device peak it implies. Which parts are traced and which come from t
   not traced) join the trace's attention-backward peak, listed as "cuda_kernel" (a Setup with
   attention_kernel="cpu-flash" adds none).
 
+Depth (`depth`, memory/depth.py): a ZeRO setup's step is traced at 2 and 3 decoder layers and extrapolated
+to the model's depth ("extrapolated", byte-exact against full-depth traces), or at full depth ("full"); a
+setup without ZeRO always at full depth (its device total is not linear in depth).
+
 Rank 0 stands for every rank: for unpacked full-length rows (the maxlen data) every SP rank holds tensors of the
 same shapes under every strategy (tests/test_traced.py traces all ranks of each strategy and finds equal peaks).
 LoRA is not traced (peft cannot place its adapters on fake parameters).
@@ -23,6 +27,7 @@ LoRA is not traced (peft cannot place its adapters on fake parameters).
 from __future__ import annotations
 
 from ..common.units import GiB
+from .depth import TRACE_DEPTHS, extrapolated_peak
 from .model import peak_memory
 from .setup import Setup, usable_bytes
 from .step import StepSpec
@@ -54,13 +59,26 @@ def from_model(setup: Setup) -> tuple[str, ...]:
     return (*ZERO_STATIC_TERMS, "step phase", *kernel)
 
 
-def traced_setup_peak(setup: Setup, length: int, rank: int = 0) -> dict:
-    """The traced device peak of `setup` at `length` (module doc) beside the model's prediction.
+def traced_setup_peak(setup: Setup, length: int, rank: int = 0, depth: str = "full") -> dict:
+    """The traced device peak of `setup` at `length` (module doc; `depth`: "extrapolated" or "full") beside the
+    model's prediction.
 
     Returns {"length", "traced_gib", "model_gib", "error" (model / traced − 1), "fits" (traced ≤ the GPU's usable
     memory), "from_model" (model terms added), "peak_phase", "host_gib" (offloaded checkpoints, traced),
-    "trace_s", "trace" (memory/trace.py's dict)}."""
-    return composed_peak(setup, length, traced_peak(spec_for(setup, length), rank))
+    "depth" (the layers traced: "28" or "2,3→28"), "trace_s", "trace" (memory/trace.py's dict)}."""
+    if depth not in TRACE_DEPTHS:
+        raise ValueError(f"depth {depth!r}: use one of {', '.join(TRACE_DEPTHS)}")
+    spec = spec_for(setup, length)
+    zero = from_model(setup)[0] != "workspace"
+    trace = extrapolated_peak(spec, rank) if zero and depth == "extrapolated" else traced_peak(spec, rank)
+    return composed_peak(setup, length, trace)
+
+
+def depth_label(trace: dict) -> str:
+    """The layers a trace ran: "28" (full depth) or "2,3→28" (memory/depth.py's extrapolation)."""
+    d = trace.get("depth") or {}
+    return (f"{','.join(map(str, d['traced']))}→{d['extrapolated_to']}" if "extrapolated_to" in d
+            else str(trace.get("layers", "full")))
 
 
 def composed_peak(setup: Setup, length: int, trace: dict) -> dict:
@@ -82,15 +100,16 @@ def composed_peak(setup: Setup, length: int, trace: dict) -> dict:
     return {"length": length, "traced_gib": traced, "model_gib": pred["total_gib"],
             "error": pred["total_gib"] / traced - 1, "fits": traced * GiB <= usable_bytes(setup.gpu_mem_gib),
             "from_model": list(terms), "peak_phase": phase, "model_phase": pred["phase"],
-            "host_gib": trace["host_peak_gib"], "trace_s": trace["trace_s"], "trace": trace}
+            "host_gib": trace["host_peak_gib"], "depth": depth_label(trace), "trace_s": trace["trace_s"],
+            "trace": trace}
 
 
 class TraceProbe:
     """A `search_max_len` probe (memory/search.py) that traces instead of running on a GPU: "ok" when the traced
     peak fits the setup's GPU, else "exceeds"; never raises for a length (a trace error is an "error" probe)."""
 
-    def __init__(self, setup: Setup) -> None:
-        self.setup = setup
+    def __init__(self, setup: Setup, depth: str = "full") -> None:
+        self.setup, self.depth = setup, depth
 
     def check(self) -> None:
         """Raise NotTraceable (why) if this setup cannot be traced, before any probe runs."""
@@ -98,25 +117,26 @@ class TraceProbe:
 
     def __call__(self, length: int) -> dict:
         try:
-            r = traced_setup_peak(self.setup, length)
+            r = traced_setup_peak(self.setup, length, depth=self.depth)
         except Exception as e:  # noqa: BLE001 — a failed trace is a failed probe, with its reason
             return {"status": "error", "error": f"{type(e).__name__}: {e}"}
         usable = usable_bytes(self.setup.gpu_mem_gib) / GiB
         return {"status": "ok" if r["fits"] else "exceeds", "peak_gib": r["traced_gib"], "model_gib": r["model_gib"],
                 "usable_gib": usable, "from_model": r["from_model"], "peak_phase": r["peak_phase"],
-                "host_gib": r["host_gib"], "trace_s": r["trace_s"],
+                "host_gib": r["host_gib"], "trace_depth": r["depth"], "trace_s": r["trace_s"],
                 **({} if r["fits"] else {"error": f"traced peak {r['traced_gib']:.1f} GiB > usable {usable:.1f} GiB"})}
 
 
-def check_row(row: dict, setup: Setup) -> dict:
+def check_row(row: dict, setup: Setup, depth: str = "full") -> dict:
     """`row` (an estimated maxlen row) with the trace at its max length beside the model: traced_gib, trace_error
-    (model / traced − 1), traced_phase, from_model, trace_s; or trace_skipped (why not)."""
+    (model / traced − 1), traced_phase, from_model, trace_depth, trace_s; or trace_skipped (why not)."""
     if not row["max_len"]:
         return {**row, "trace_skipped": "nothing fits: no length to trace"}
     try:
-        r = traced_setup_peak(setup, row["max_len"])
+        r = traced_setup_peak(setup, row["max_len"], depth=depth)
     except NotTraceable as e:
         return {**row, "trace_skipped": str(e)}
     return {**row, "traced_gib": r["traced_gib"], "trace_error": r["error"], "traced_phase": r["peak_phase"],
             "traced_where": r["trace"]["peak_where"] if r["from_model"][0] == "workspace" else r["trace"]["state_free_where"],
-            "traced_host_gib": r["host_gib"], "from_model": r["from_model"], "trace_s": round(r["trace_s"], 1)}
+            "traced_host_gib": r["host_gib"], "from_model": r["from_model"], "trace_depth": r["depth"],
+            "trace_s": round(r["trace_s"], 1)}
