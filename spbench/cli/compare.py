@@ -20,6 +20,7 @@ EPILOG = """examples:
   spbench compare                          # every adapter on the ci suite, results in out/compare
   spbench compare --impl spbench --case sft-ulysses-sp2,packed-sft-zigzag-sp4
   spbench compare --merge main=out/ci/compare.json swift=out/swift/compare.json --out reports/compare
+  spbench compare --merge main=out/ci/compare.json --trace-memory --out reports/compare   # + traced max lengths
 """
 
 
@@ -33,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--merge", nargs="+", metavar="[LABEL=]compare.json",
                    help="merge these runs' documents into one (in order; LABEL names a run, default its folder) "
                         "instead of running anything")
+    p.add_argument("--trace-memory", action="store_true",
+                   help="also trace the max length on 8 x 80 GB of each implementation whose step runs on fake "
+                        "tensors (spbench, deepspeed-alst; no checkpoint offload; minutes each: compare/traced.py)")
     p.add_argument("--baseline-out", metavar="FILE", help="also write the verdicts alone (rows without metrics) "
                    "as a `spbench gate` baseline, e.g. spbench/suites/golden/compare.json")
 
@@ -68,7 +72,7 @@ def run(args) -> int:
     prov = provenance(" ".join(["spbench", *sys.argv[1:]]), "gloo", max(c.world for c in cases), 0,
                       time.perf_counter() - t0)
     doc = compare_doc(suite, impls, rows, prov)
-    return _write(doc, out, args.baseline_out)
+    return _write(doc, out, args.baseline_out, args.trace_memory)
 
 
 def _merge(args) -> int:
@@ -81,17 +85,21 @@ def _merge(args) -> int:
     (out / "compare.json").unlink(missing_ok=True)
     world = max((doc["provenance"].get("world") or 0 for _, _, doc in inputs), default=0)
     doc = merge(inputs, provenance(" ".join(["spbench", *sys.argv[1:]]), "gloo", world, 0))
-    return _write(doc, out, args.baseline_out)
+    return _write(doc, out, args.baseline_out, args.trace_memory)
 
 
-def _write(doc: dict, out, baseline_out: str | None) -> int:
-    """The document with its max-length estimates, its report.md and PNG, compare.json last (present = complete);
-    the gate baseline of its verdicts to `baseline_out`."""
+def _write(doc: dict, out, baseline_out: str | None, trace_memory: bool = False) -> int:
+    """The document with its max-length estimates (and traces), its report.md and PNG, compare.json last (present =
+    complete); the gate baseline of its verdicts to `baseline_out`."""
     from ..compare.estimate import estimates
     from ..compare.gate import baseline_of
     from ..compare.report import write_report
 
     doc["maxlen_estimates"] = estimates(doc["implementations"])
+    if trace_memory:
+        from ..compare.traced import traced_rows
+
+        doc["maxlen_traced"] = traced_rows(doc["implementations"])
     written = write_report(doc, out)
     if baseline_out:
         write_json_atomic(baseline_out, baseline_of(doc))

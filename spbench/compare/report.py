@@ -146,12 +146,35 @@ def _with_estimates_and_figures(lines: list[str], doc: dict, estimates: dict) ->
                                   if _base(name) in f["adapters"]) or "—"
             lines.append(f"| {name} | {e['model']} | {features_cell(e)} | {max_len} | {_cell(e.get('peak_gib'))} | "
                          f"{_cell(e.get('host_gib'))} | {_cell(published)} | {_cell(e['reason'])} |")
+    lines += _traced_section(doc.get("maxlen_traced") or {})
     lines += ["", "## Figures their authors published (not measured here)", "",
               "| project | model | claim | hardware | source | adapters here |", "|---|---|---|---|---|---|"]
     lines += [f"| {f['project']} | {f['model']} | {f['claim']} | {f['hardware']} | [{f['source']}]({f['url']}) | "
               f"{', '.join(a for a in f['adapters'] if a in doc['implementations']) or '—'} |"
               for f in published_figures()]
     return "\n".join(lines) + "\n"
+
+
+def _traced_section(traced: dict) -> list[str]:
+    """The implementations whose step was traced (`spbench compare --trace-memory`, compare/traced.py)."""
+    if not traced:
+        return []
+    lines = ["", "## Max length on 8 × 80 GB: traced on CPU (no checkpoint offload)", "",
+             "Each implementation's own step, traced on fake tensors as SP rank 0 (2 and 3 decoder layers, extrapolated), "
+             "with ZeRO's static terms from the memory model; bisected on traced peaks against 75.5 GiB usable "
+             f"(resolution {next(iter(traced.values()))['resolution']:,} tokens). The memory model models the runtime's "
+             "step: its error on another implementation's is how differently that step holds memory.", "",
+             "| implementation | model | memory features | max length (traced) | traced GiB there | model GiB there "
+             "| model − trace | max length (model) | probes | trace s |", "|---" * 10 + "|"]
+    for name, t in traced.items():
+        lines.append(f"| {name} | {t['model']} | {t['setup']} | {t['max_len']:,} | {_cell(_round(t['traced_gib']))} | "
+                     f"{_cell(_round(t['model_gib']))} | {t['error']:+.1%} | {t['estimated_max_len']:,} | {t['probes']} | "
+                     f"{t['trace_s']} |")
+    return lines
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
 
 
 def write_report(doc: dict, out: Path) -> list[Path]:

@@ -27,7 +27,9 @@ MemTracker (torch 2.13) is used through a subclass that (1) keeps only the globa
 the phase of the peak, (2) tolerates a module called more than once at top level (the tiled loss calls
 `lm_head` once per chunk; stock MemTracker raises, taking it for a second iteration; only per-module
 snapshots, which are not used here, are affected), and (3) installs no gradient hooks on a frozen module (the
-DPO reference; stock MemTracker raises). None of these changes what is counted.
+DPO reference; stock MemTracker raises), and (4) registers no gradient hooks for a module called with gradients off
+inside an autograd Function's forward (DeepSpeed ALST's TiledMLP: the inputs require gradients but have no graph
+yet; stock ModTracker asserts). None of these changes what is counted.
 
     python -m spbench.memory.trace --model qwen2.5-7b --length 1048576 --sp 8 --method zigzag [--checkpoint-offload]
 """
@@ -73,6 +75,7 @@ def _tracker_class():
 
         def __init__(self, host_bytes, count_flops: bool = False) -> None:
             super().__init__()
+            self._mod_tracker = _no_grad_mod_tracker()
             self.host_bytes = host_bytes
             self.flop_registry = flop_registry if count_flops else {}
             self.flops = 0
@@ -115,6 +118,19 @@ def _tracker_class():
             return out
 
     return PeakTracker
+
+
+def _no_grad_mod_tracker():
+    """A ModTracker that hooks no gradients of a module called with gradients off (module doc, change 4)."""
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class NoGradModTracker(ModTracker):
+        def _fw_pre_hook(self, mod, input):
+            if not torch.is_grad_enabled():
+                input = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in input)
+            return super()._fw_pre_hook(mod, input)
+
+    return NoGradModTracker()
 
 
 def _record_peaks(tracker, snaps, total_key, states) -> None:

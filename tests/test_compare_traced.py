@@ -1,0 +1,76 @@
+"""Traced max lengths of other implementations (issue 15; spbench/compare/traced.py, alst_trace.py): DeepSpeed
+ALST's own step runs on fake tensors with its attention's SP shapes and extrapolates in depth byte for byte; the
+search bisects on composed traced peaks; `spbench compare --merge --trace-memory` puts the rows in the report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spbench.cli import main
+from spbench.common.schemas import COMPARE
+from spbench.common.units import GiB
+from spbench.compare import traced
+from spbench.compare.alst_trace import alst_extrapolated, alst_trace
+from spbench.memory.depth import LINEAR_FIELDS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+deepspeed = pytest.importorskip("deepspeed")
+
+
+def test_alst_step_traces_on_fake_tensors_and_extrapolates_exactly():
+    """Llama-3.1-8B shapes, SP 8, 64k tokens: ALST's attention runs on the 8k-token shard (the CPU flash kernel,
+    forward and backward), and 2- and 3-layer traces extended to 4 layers equal a 4-layer trace."""
+    full = alst_trace("llama-3.1-8b", 65536, 8, 4)
+    assert full["tokens"] == 8192 and full["attention_ops"] == [
+        "_scaled_dot_product_flash_attention_for_cpu.default", "_scaled_dot_product_flash_attention_for_cpu_backward.default"]
+    ext = alst_extrapolated("llama-3.1-8b", 65536, 8, layers=4)
+    for key in ("state_free_peak_gib", *LINEAR_FIELDS):
+        assert round(ext[key] * GiB) == round(full[key] * GiB), key
+    assert ext["state_free_where"] == full["state_free_where"]
+    longer = alst_trace("llama-3.1-8b", 131072, 8, 2)
+    assert longer["state_free_peak_gib"] > alst_trace("llama-3.1-8b", 65536, 8, 2)["state_free_peak_gib"]
+
+
+def test_traced_row_bisects_on_composed_peaks(monkeypatch):
+    """A stand-in step whose state-free peak is 40 GiB per million tokens: the search stops where the composed
+    peak (plus the model's ZeRO terms) crosses the usable memory, within the resolution."""
+    def step(setup, length):
+        gib = 40 * length / 2**20
+        return {"state_free_peak_gib": gib, "attention_state_free_peak_gib": gib, "host_peak_gib": 0.0,
+                "state_free_where": "backward, m.layers.31.self_attn: op", "trace_s": 0.5, "layers": 32}
+
+    monkeypatch.setitem(traced.TRACERS, "deepspeed-alst", step)
+    row = traced.traced_row("deepspeed-alst", log=lambda m: None)
+    from spbench.compare.estimate import memory_features, setup_of
+    from spbench.memory.traced import composed_peak
+
+    setup = setup_of({**memory_features()["deepspeed-alst"], "checkpoint_offload": False})
+    assert composed_peak(setup, row["max_len"], step(setup, row["max_len"]))["fits"]
+    assert not composed_peak(setup, row["max_len"] + traced.RESOLUTION, step(setup, row["max_len"] + traced.RESOLUTION))["fits"]
+    assert row["probes"] >= 3 and row["trace_s"] == 0.5 * row["probes"] and row["error"] is not None
+
+
+def _minimal_doc() -> dict:
+    prov = {"command": "spbench compare --impl deepspeed-alst", "git_sha": "0123456789abcdef", "python": "3.11.7",
+            "torch": "2.13.0", "transformers": "5.24.0", "device": "cpu", "date": "2026-12-01", "world": 2}
+    return {"schema": COMPARE, "suite": "ci", "provenance": prov,
+            "rows": [{"impl": "deepspeed-alst", "case": "a", "verdict": "pass", "cause": None, "metrics": {},
+                      "sp_wall_s": 1.0}],
+            "implementations": {"deepspeed-alst": {"versions": {"deepspeed": "0.19.8"}, "features": {}}}}
+
+
+def test_compare_merge_trace_memory_renders_the_traced_rows(tmp_path, monkeypatch):
+    row = {"impl": "deepspeed-alst", "model": "llama-3.1-8b", "setup": "ulysses SP 8", "max_len": 1048576,
+           "estimated_max_len": 1441792, "traced_gib": 74.7, "model_gib": 55.7, "error": -0.254, "peak_phase": "b",
+           "layers_traced": "2,3→32", "probes": 7, "trace_s": 51.7, "resolution": 16384, "source": "traced"}
+    monkeypatch.setattr(traced, "traced_rows", lambda impls: {"deepspeed-alst": row})
+    src = tmp_path / "run" / "compare.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps(_minimal_doc()))
+    assert main(["compare", "--merge", f"run={src}", "--trace-memory", "--out", str(tmp_path / "out")]) == 0
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert doc["maxlen_traced"]["deepspeed-alst"]["max_len"] == 1048576
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "traced on CPU (no checkpoint offload)" in text and "| deepspeed-alst | llama-3.1-8b | ulysses SP 8 | 1,048,576 |" in text
+    assert "-25.4%" in text
