@@ -74,3 +74,30 @@ def test_compare_merge_trace_memory_renders_the_traced_rows(tmp_path, monkeypatc
     text = (tmp_path / "out" / "report.md").read_text()
     assert "traced on CPU (no checkpoint offload)" in text and "| deepspeed-alst | llama-3.1-8b | ulysses SP 8 | 1,048,576 |" in text
     assert "-25.4%" in text
+
+
+def test_the_trace_lets_sdpa_run_causal_without_a_mask_as_a_gpu_does():
+    """On fake tensors transformers' SDPA mask function cannot read position_ids and builds the [n × n] mask that a GPU
+    run skips for an unpacked row; inside the trace's context it returns None, after it the stock function is back."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+
+    from runtime.models import model_config
+    from spbench.compare.alst_trace import _causal_sdpa_without_mask
+
+    config = model_config("tiny-llama")
+    config._attn_implementation = "sdpa"
+    stock = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    positions = torch.arange(64).unsqueeze(0)
+
+    def mask():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            embeds = torch.zeros(1, 64, config.hidden_size)
+            return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None,
+                                      past_key_values=None, position_ids=positions)
+
+    assert tuple(mask().shape) == (1, 1, 64, 64)
+    with _causal_sdpa_without_mask():
+        assert mask() is None
+    assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] is stock

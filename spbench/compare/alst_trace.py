@@ -17,6 +17,7 @@ traced setup is the entry's without it. The step is traced at 2 and 3 decoder la
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -42,10 +43,23 @@ def _traceable_loss():
     return TracedTiledLoss
 
 
-def _step(model, n: int) -> None:
-    """One forward and backward of an n-token shard: hidden states, ALST's tiled logits loss, backward."""
-    ids, labels = torch.zeros((1, n), dtype=torch.long), torch.zeros((1, n), dtype=torch.long)
-    positions = torch.arange(n).unsqueeze(0)
+@contextlib.contextmanager
+def _causal_sdpa_without_mask():
+    """transformers' "sdpa" mask function returns None inside (module doc), its own one again after."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    saved = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionMaskInterface.register("sdpa", lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        AttentionMaskInterface.register("sdpa", saved)
+
+
+def _step(model, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> None:
+    """One forward and backward of a shard (`ids`, `positions`, `labels`: [1, n] real tensors, so that transformers'
+    mask code reads position_ids as a GPU run does): hidden states, ALST's tiled logits loss, backward."""
+    n = ids.shape[1]
     hidden = model.base_model(input_ids=ids, position_ids=positions).last_hidden_state
     head = model.get_output_embeddings()
 
@@ -70,6 +84,8 @@ def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
     from .alst_engine import _release_alst, use_alst_tiled_mlp
 
     t0, n = time.perf_counter(), length // sp
+    ids, labels = torch.zeros((1, n), dtype=torch.long), torch.zeros((1, n), dtype=torch.long)
+    positions = torch.arange(n).unsqueeze(0)  # rank 0's shard; built before the fake mode: real values
     with fake_rank(0, sp):
         deepspeed.init_distributed(dist_backend="fake")
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -83,8 +99,8 @@ def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
             try:
                 tracker = _tracker_class()(lambda: 0)
                 tracker.track_external(model)
-                with tracker:
-                    _step(model, n)
+                with tracker, _causal_sdpa_without_mask():
+                    _step(model, ids, positions, labels)
             finally:
                 _release_alst(mpu, None, sdpa_attention_forward)
     return {"layers": layers, "tokens": n, "state_free_peak_gib": tracker.state_free_peak / GiB,
