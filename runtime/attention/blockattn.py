@@ -258,5 +258,7 @@ class LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = block_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        grads = list(block_backward(dout, q, k, v, out, lse, *ctx.args))
+        for i, like in enumerate((q, k, v)):  # one cast at a time, each accumulator freed as it is cast: allgather's
+            grads[i] = grads[i].to(like.dtype)  # fp32 dK/dV of the whole sequence and all three casts never coexist
+        return (*grads, None, None, None, None, None)

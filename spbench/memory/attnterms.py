@@ -87,11 +87,11 @@ def ring_buffer_bytes(s: Setup, m: Shape, n: int) -> float:
     """Ring part (ring, zigzag, hybrid with r > 1): the current and the next K/V block (2 × 2·2·Hk'·d) and fp32
     dK/dV accumulators (2·4·Hk'·d) per token — after the hybrid's all-to-all a rank holds u× the tokens with 1/u
     of the heads, the same bytes (traced). Allgather, per token of the whole sequence (n·sp tokens): every rank's K
-    and V gathered (2·2·Hk·d), their fp32 gradients (2·4·Hk·d) and those cast to bf16 for the reduce-scatter
-    (2·2·Hk·d), all alive at the casts (traced, 7B SP 8)."""
+    and V gathered (2·2·Hk·d) and their fp32 gradients (2·4·Hk·d), alive at the kernel calls (traced, 7B SP 8; the
+    casts to bf16 for the reduce-scatter come one at a time, each fp32 freed: blockattn.LocalAttention)."""
     if s.sp == 1:
         return 0.0
     kv = kv_heads_local(s, m) * m.head_dim
     if s.sp_method == "allgather":
-        return (2 * ACT + 2 * 4 + 2 * ACT) * kv * n * s.sp
+        return (2 * ACT + 2 * 4) * kv * n * s.sp
     return (2 * 2 * ACT * kv + 2 * 4 * kv) * n if s.sp // s.ulysses > 1 else 0.0
