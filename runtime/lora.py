@@ -88,14 +88,25 @@ def apply_lora(model: nn.Module, cfg: TrainConfig):
     targets = resolve_targets(cfg.lora_target, linear_names(model))
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,
                              target_modules=targets, bias="none")
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+    base = next(model.parameters())
+    device = base.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings(), \
+            _real_adapters_over(base):
         # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per rank, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(cfg.seed)
         # autocast_adapter_dtype=False: adapters in the model's dtype (float64 parity runs stay float64)
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     return wrapped
+
+
+def _real_adapters_over(base: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where the base model is built on fake tensors (spbench's memory traces: FakeTensorMode), the adapters are made
+    as real tensors (r-wide: small): peft moves each adapter with Module.to, which torch does for a fake Parameter by
+    swapping it, and a fake Parameter refuses the swap (it carries a weakref). Elsewhere a no-op."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    return unset_fake_temporarily() if isinstance(base, FakeTensor) else contextlib.nullcontext()
 
 
 def adapters_disabled(peft_model) -> contextlib.AbstractContextManager:

@@ -64,8 +64,11 @@ def test_zero3_traced_peak_is_the_state_free_trace_plus_the_models_static_terms(
                                   attention_kernel="cpu-flash"), 4096)  # the trace's own kernel: nothing added
     assert cpu["from_model"] == ["workspace"]
     assert cpu["traced_gib"] == pytest.approx(cpu["trace"]["peak_gib"] + terms["workspace"])
-    with pytest.raises(NotTraceable, match="LoRA"):
-        traced_setup_peak(Setup("tiny", "sft", finetuning="lora"), 256)
+    # LoRA: fake base, real adapters (runtime/lora.py): the frozen base holds no gradients or AdamW states
+    lora, full = (traced_setup_peak(Setup("tiny", "sft", finetuning=f), 256)["trace"] for f in ("lora", "full"))
+    assert 0 < lora["peak_gib"] < full["peak_gib"] and lora["state_free_peak_gib"] > 0
+    with pytest.raises(NotTraceable, match="lora_target"):
+        traced_setup_peak(Setup("tiny", "sft", finetuning="lora", lora_target="q_proj"), 256)
 
 
 def test_maxlen_trace_search_brackets_the_traced_limit(tmp_path, capsys):

@@ -80,7 +80,7 @@ def _tracker_class():
             self.flop_registry = flop_registry if count_flops else {}
             self.flops = 0
             self.peak = self.state_free_peak = self.host_peak = 0
-            self.attention_peak = self.attention_state_free_peak = 0  # inside an attention module's backward
+            self.attention_peak = self.attention_state_free_peak = 0  # right after an attention backward kernel call
             self.peak_phase: str | None = None
             self.peak_where = self.state_free_where = self.last_op = ""
             self.peak_snap: dict = {}
@@ -134,11 +134,11 @@ def _no_grad_mod_tracker():
 
 
 def _record_peaks(tracker, snaps, total_key, states) -> None:
-    """After an op: the device total (less host copies), the state-free total, per-phase peaks, the attention
-    backward's peaks (where a CUDA kernel adds what the CPU one does not: memory/terms.py cuda_kernel_bytes), and
-    where."""
+    """After an op: the device total (less host copies), the state-free total, per-phase peaks, the peaks right
+    after an attention backward kernel call (the moment a CUDA kernel holds what the CPU one does not:
+    memory/attnterms.py cuda_kernel_bytes; not at Ulysses' all-to-alls around it), and where."""
     phase = "optimizer" if tracker._in_opt else "backward" if tracker._mod_tracker.is_bw else "forward"
-    attention = phase == "backward" and any("self_attn" in p for p in tracker._mod_tracker.parents)
+    attention = phase == "backward" and "attention" in tracker.last_op and "backward" in tracker.last_op
     host = tracker.host_bytes()
     tracker.host_peak = max(tracker.host_peak, host)
     for snap in snaps:
@@ -173,8 +173,8 @@ def traced_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) -> dic
 
     Returns {"schema", "model", "stage", "length", "tokens" (this rank's), "sp", "method", "rank", "dtype",
     "features", "peak_bytes", "peak_gib" (device memory), "state_free_peak_gib" (device memory less parameters,
-    gradients, optimizer states; "phase_state_free_peak_gib" per phase), "attention_peak_gib" and "attention_state_free_peak_gib" (the same inside attention
-    backward), "host_peak_gib" (checkpoint offload's CPU copies), "peak_phase" ("forward" |
+    gradients, optimizer states; "phase_state_free_peak_gib" per phase), "attention_peak_gib" and
+    "attention_state_free_peak_gib" (the same right after an attention kernel's backward call), "host_peak_gib" (checkpoint offload's CPU copies), "peak_phase" ("forward" |
     "backward" | "optimizer"), "peak_where" (module and op), "phase_peak_gib", "by_category_gib" (the tensors live at the peak: parameter, buffer,
     gradient, activation, temp, optstate, other; host copies included; MemTracker may file recomputed activations
     under act or temp, the total is exact), "attention_ops", "layers" (the depth traced), "trace_s"}. `layers`:

@@ -22,7 +22,7 @@ setup without ZeRO always at full depth (its device total is not linear in depth
 
 Rank 0 stands for every rank: for unpacked full-length rows (the maxlen data) every SP rank holds tensors of the
 same shapes under every strategy (tests/test_traced.py traces all ranks of each strategy and finds equal peaks).
-LoRA is not traced (peft cannot place its adapters on fake parameters).
+LoRA: the base model is fake, its adapters (r-wide) real tensors (runtime/lora.py): peft cannot move a fake adapter.
 """
 from __future__ import annotations
 
@@ -43,12 +43,13 @@ class NotTraceable(ValueError):
 
 def spec_for(setup: Setup, length: int) -> StepSpec:
     """The StepSpec of one step of `setup` at `length` tokens per sequence, as the trace runs it (no DeepSpeed)."""
-    if setup.finetuning != "full":
-        raise NotTraceable("LoRA is not traced: peft cannot place its adapters on fake parameters")
     if setup.batch != 1:
         raise NotTraceable(f"batch {setup.batch}: the traced step holds one sequence (DPO: pair) per micro-batch")
+    if setup.finetuning == "lora" and setup.lora_target != "all":
+        raise NotTraceable(f"lora_target {setup.lora_target!r}: the traced step adapts every decoder linear (all)")
     return StepSpec(setup.model, setup.stage, length, setup.features, dtype="bfloat16", device="cpu",
-                    nproc=setup.sp, sp=setup.sp, method=setup.sp_method)
+                    nproc=setup.sp, sp=setup.sp, method=setup.sp_method, finetuning=setup.finetuning,
+                    lora_rank=setup.lora_rank)
 
 
 def from_model(setup: Setup) -> tuple[str, ...]:
