@@ -115,7 +115,7 @@ def alst_extrapolated(model_name: str, length: int, sp: int, layers: int | None 
     (spbench/memory/depth.py)."""
     from runtime.models import model_config
 
-    from ..memory.depth import DEPTHS, extrapolate
+    from ..memory.depth import extrapolated
 
-    low, high = (alst_trace(model_name, length, sp, d) for d in DEPTHS)
-    return extrapolate(low, high, layers or model_config(model_name).num_hidden_layers)
+    return extrapolated(lambda d: alst_trace(model_name, length, sp, d),
+                        layers or model_config(model_name).num_hidden_layers)

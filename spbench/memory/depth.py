@@ -76,6 +76,13 @@ def extrapolate(low: dict, high: dict, layers: int) -> dict:
             "trace_s": low["trace_s"] + high["trace_s"]}
 
 
+def extrapolated(trace_at, layers: int) -> dict:
+    """`extrapolate` of `trace_at(depth)` (a memory/trace.py-style dict of a step at that many decoder layers) at
+    DEPTHS, to `layers`; the one place any step (the runtime's, compare/alst_trace.py's) is traced at reduced depth."""
+    low, high = (trace_at(d) for d in DEPTHS)
+    return extrapolate(low, high, layers)
+
+
 def extrapolated_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) -> dict:
     """memory/trace.py's traced_peak of `spec` at `layers` decoder layers (default the model's), from traces at
     DEPTHS (module doc: device totals None); a full-depth trace where the model is no deeper than DEPTHS or the
@@ -83,9 +90,8 @@ def extrapolated_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) 
     layers = layers or model_config(spec.model).num_hidden_layers
     if layers <= DEPTHS[-1]:
         return traced_peak(spec, rank, layers=layers)
-    low, high = (traced_peak(spec, rank, layers=d) for d in DEPTHS)
     try:
-        return extrapolate(low, high, layers)
+        return extrapolated(lambda d: traced_peak(spec, rank, layers=d), layers)
     except ValueError as e:
         full = traced_peak(spec, rank, layers=layers)
         return {**full, "depth": {"traced": [layers], "why_full": str(e)}}
