@@ -92,6 +92,28 @@ def test_trace_refuses_estimate(tmp_path, capsys):
     assert "--trace runs on the CPU" in capsys.readouterr().err
 
 
+def test_trace_check_resumes_rows_already_traced(tmp_path, monkeypatch, capsys):
+    """`maxlen --trace check` logs each traced row at once; --resume takes it from probes.jsonl instead of tracing
+    again (a 0.5B row traces for 10-20 min on the CI box: a stopped sweep must not start over)."""
+    import spbench.memory.traced as traced
+
+    argv = ["maxlen", "--model", "tiny", "--gpus", "2", "--sp", "2", "--zero", "0", "--offload", "none", "--gpu-mem",
+            "0.8", "--no-tiled-loss", "--no-tiled-mlp", "--trace", "check", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "maxlen.json").read_text())["rows"][0]
+    assert first["traced_gib"] > 0
+
+    def must_not_trace(*a, **k):
+        raise AssertionError("traced again")
+
+    monkeypatch.setattr(traced, "traced_setup_peak", must_not_trace)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((tmp_path / "maxlen.json").read_text())["rows"][0] == first
+    assert "traced before (--resume)" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="traced again"):  # without --resume it traces
+        main(argv)
+
+
 def _ring_peak(zigzag: bool, backward: bool, heads=4, kv_heads=2, dim=8, tokens=64, sp=4) -> int:
     """Peak live bytes of ring_forward or ring_backward on SP rank 0 (fake tensors and process group), inputs
     included."""

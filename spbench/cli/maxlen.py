@@ -78,7 +78,7 @@ def add_arguments(p) -> None:
                    help="with --trace and ZeRO: extrapolated (default; the step traced at 2 and 3 decoder layers, "
                         "extended linearly to the model's depth, byte-exact against full-depth traces: "
                         "spbench/memory/depth.py) or full (every layer: slower by about depth / 5)")
-    p.add_argument("--resume", action="store_true", help="skip probes already in <out>/probes.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip probes already in <out>/probes.jsonl (with --trace check: rows already traced)")
     p.add_argument("--out", default="out/maxlen", help="directory for probes.jsonl and maxlen.json (default out/maxlen; "
                    "publish with --out reports/maxlen)")
     p.add_argument("--resolution", type=int, help="search/estimate resolution in tokens (default 1024)")

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..common.backend import cuda_device
 from ..common.errors import UsageError
 from ..common.results import provenance, write_json_atomic
-from ..common.schemas import MAXLEN
+from ..common.schemas import MAXLEN, MAXLEN_PROBE
 from ..common.table import format_table as plain_table
 from ..common.table import strategy_label
 from . import model as memmodel
@@ -162,9 +162,16 @@ def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool, de
 
     row = estimate_row(t, resolution)
     if how == "check":
+        done = log.checked(t, row["max_len"], depth) if resume else None
+        if done:
+            print(f"maxlen: {t.setup.model} {t.setup.stage} {t.variant}: traced before (--resume)", file=sys.stderr)
+            return done
         print(f"maxlen: tracing {t.setup.model} {t.setup.stage} {t.variant} at {row['max_len']:,} ...", file=sys.stderr,
               flush=True)
-        return check_row(row, t.setup, depth)
+        checked = check_row(row, t.setup, depth)
+        log.append({"schema": MAXLEN_PROBE, "case": t.key(), "variant": t.variant, "depth": depth,
+                    "checked_row": checked})
+        return checked
     probe = TraceProbe(t.setup, depth)
     try:
         probe.check()

@@ -101,6 +101,15 @@ class ProbeLog:
         return {r["length"]: r for r in read_jsonl(self.path)
                 if r.get("case") == key and isinstance(r.get("length"), int)}
 
+    def checked(self, target, max_len: int, depth: str) -> dict | None:
+        """The `maxlen --trace check` row of this target at `max_len`, traced at `depth`, already in the file, or
+        None."""
+        key = target.key()
+        rows = [r["checked_row"] for r in read_jsonl(self.path)
+                if r.get("case") == key and r.get("depth") == depth and isinstance(r.get("checked_row"), dict)
+                and r["checked_row"].get("max_len") == max_len]
+        return rows[-1] if rows else None
+
 
 def logged_probe(case, probe: Callable[[int], dict], log: ProbeLog, progress=sys.stderr) -> Callable[[int], dict]:
     """Wrap `probe`: each result gets the case, the prediction and a timestamp and goes to the log at once;
