@@ -211,7 +211,8 @@ def test_sp_buffers_follow_the_strategy():
            for k in ("ring", "zigzag", "hybrid", "allgather")}
     kv = max(m.kv_heads, 4) * m.head_dim  # the hybrid's Ulysses degree 4 = kv heads: nothing replicated
     assert buf["zigzag"] == buf["ring"] == (2 * 2 * 2 + 2 * 4) * m.kv_heads * m.head_dim * n
-    assert buf["hybrid"] == 2 * (2 * m.hidden + 2 * 2 * kv) * n + (2 * 2 * 2 + 2 * 4) * kv * n
+    # the hybrid's ring of 2 holds one K/V block beside its own (step 0: the next; step 1: the received one)
+    assert buf["hybrid"] == 2 * (2 * m.hidden + 2 * 2 * kv) * n + (1 * 2 * 2 + 2 * 4) * kv * n
     assert buf["allgather"] == (2 * 2 + 2 * 4) * m.kv_heads * m.head_dim * n * 8 > max(buf["ring"], buf["hybrid"])
 
 

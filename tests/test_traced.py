@@ -34,6 +34,18 @@ def test_every_sp_rank_peaks_alike(method, sp):
     assert all(p["tokens"] == 256 // sp for p in peaks)
 
 
+@pytest.mark.parametrize("method,sp", [("ring", 4), ("zigzag", 4)])
+def test_traced_setup_peak_is_the_peak_over_every_sp_rank(method, sp):
+    """Blockwise attention's ranks differ by their place in the ring (contiguous ring: rank 0 the least; zigzag: the
+    last rank the least): the peak traced over `peak_ranks` is the largest over all ranks."""
+    setup = Setup("tiny", "sft", gpus=sp, sp=sp, sp_method=method,
+                  features=MemoryFeatures(tiled_loss_chunk=32, tiled_mlp_chunks=4, checkpoint_offload=True))
+    every = [traced_setup_peak(setup, 8192, rank=r)["traced_gib"] for r in range(sp)]
+    assert len(set(every)) > 1, every  # the ranks differ, or this case checks nothing
+    top = traced_setup_peak(setup, 8192)
+    assert top["traced_gib"] == max(every) and every[top["rank"]] == max(every)
+
+
 def test_checkpoint_offload_moves_the_checkpoints_to_host_memory():
     """Offloaded, the layers' checkpointed inputs (layers × n × h × 2 B) are host memory: the host peak holds all
     of them and the device peak drops by exactly one: both inputs leave, the recomputed layer's comes back (measured:

@@ -5,6 +5,7 @@ The peak is the largest of four phases of a step, each a sum of named terms (byt
   reference  (DPO) static + the frozen reference model's no-grad forward (nothing stored)
   loss       static + checkpointed hidden states + final norm + logits/log-softmax and its gradient
   layers     static + one layer's recompute + backward (SP buffers in attention), checkpoints or the gradients
+             (and tied embeddings' lm_head gradient, waiting for the embedding's)
   step       static + gradients + the optimizer's temporaries
 
 Static memory follows the optimizer setup: `zero=0` is no DeepSpeed, torch AdamW on the bf16
@@ -47,6 +48,7 @@ from .terms import (
     reference_forward_bytes,
     reference_param_bytes,
     step_temp_bytes,
+    tied_head_grad_bytes,
     workspace_bytes,
 )
 
@@ -70,6 +72,7 @@ def peak_memory(setup: Setup, length: int, shape: Shape | None = None) -> dict:
         "optimizer_states": states,
         "workspace": workspace_bytes(),
         "grads": grad_bytes(s, m),
+        "tied_head_grad": tied_head_grad_bytes(s, m),
         "step_temp": step_temp_bytes(s, m),
         "checkpoints": checkpoint_bytes(s, m, n),
         "checkpoint_one_layer": n * m.hidden * ACT if s.features.gradient_checkpointing else 0.0,
@@ -89,7 +92,7 @@ def peak_memory(setup: Setup, length: int, shape: Shape | None = None) -> dict:
         "loss": base + early + t["checkpoints"] + t["final_hidden"] + t["loss"],
         # the SP buffers are part of layer_backward's attention sub-phase; at the end of a ZeRO-0 backward one
         # layer's checkpoint is left beside the full gradients
-        "layers": base + early + t["layer_backward"] + max(t["checkpoints"], t["checkpoint_one_layer"] + late if late else 0.0),
+        "layers": base + early + t["tied_head_grad"] + t["layer_backward"] + max(t["checkpoints"], t["checkpoint_one_layer"] + late if late else 0.0),
         "step": base - t["optimizer_states"] + optimizer_bytes(s, m) + t["grads"] + t["step_temp"],
     }
     phase = max(phases, key=phases.get)

@@ -105,6 +105,14 @@ def grad_bytes(s: Setup, m: Shape) -> float:
     return part + 2.0 * min(REDUCE_BUCKET_ELEMS, _trained(s, m))
 
 
+def tied_head_grad_bytes(s: Setup, m: Shape) -> float:
+    """Tied embeddings under ZeRO: the lm_head use's bf16 gradient (vocab × h) waits in autograd's input buffer from
+    the loss's backward to the embedding's, the end of backward, where both uses' gradients are summed before
+    DeepSpeed's hook takes them (traced: Qwen2.5-1.5B / 3B, the layers' backward). ZeRO 0 counts the full
+    gradients there already; LoRA trains no embedding."""
+    return 2.0 * m.vocab * m.hidden if m.tied and s.zero and s.finetuning == "full" else 0.0
+
+
 def step_temp_bytes(s: Setup, m: Shape) -> float:
     """Optimizer-step temporaries: torch foreach AdamW's parameter-sized buffer (zero 0), the fp32 copy of the
     gradient partition (ZeRO on GPU), nothing on the GPU for CPU Adam (optimizer offload)."""

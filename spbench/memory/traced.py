@@ -1,8 +1,8 @@
 """Traced peaks of a memory-model `Setup`: the trainer's step traced on CPU (memory/trace.py), composed with the
 model's terms for what a fake-tensor trace cannot run.
 
-`traced_setup_peak(setup, length)` traces ONE `Trainer.step` of the setup on SP rank 0 (without DeepSpeed) and
-returns the device peak it implies. Which parts are traced and which come from the model:
+`traced_setup_peak(setup, length)` traces ONE `Trainer.step` of the setup on the SP rank that peaks (without
+DeepSpeed; `peak_ranks`) and returns the device peak it implies. Which parts are traced and which come from the model:
 
 * no ZeRO, no parameter/optimizer offload: everything but the CUDA workspace term (memory/terms.py WORKSPACE_GIB)
   is the trace: weights, gradients, AdamW states and its step, activations, SP buffers, checkpoints (offloaded
@@ -20,13 +20,18 @@ Depth (`depth`, memory/depth.py): a ZeRO setup's step is traced at 2 and 3 decod
 to the model's depth ("extrapolated", byte-exact against full-depth traces), or at full depth ("full"); a
 setup without ZeRO always at full depth (its device total is not linear in depth).
 
-Rank 0 stands for every rank: for unpacked full-length rows (the maxlen data) every SP rank holds tensors of the
-same shapes under every strategy (tests/test_traced.py traces all ranks of each strategy and finds equal peaks).
+Ranks: for unpacked full-length rows (the maxlen data) every SP rank holds tensors of the same shapes outside the
+attention; a blockwise attention's (ring, zigzag, the hybrid's ring, allgather) kernel calls and K/V blocks differ by
+the rank's place in the ring, and the first and the last place are the extremes (contiguous ring: rank 0 computes its
+diagonal block only, the last rank a full block at every step; zigzag: rank 0 every block's second half of queries
+against whole key blocks, the last rank whole query blocks against halves): both are traced and the larger peak
+counts (tests/test_traced.py traces every rank and finds the peak at one of the two). Ulysses: rank 0.
 LoRA: the base model is fake, its adapters (r-wide) real tensors (runtime/lora.py): peft cannot move a fake adapter.
 """
 from __future__ import annotations
 
 from ..common.units import GiB
+from .attnterms import blockwise
 from .depth import TRACE_DEPTHS, extrapolated_peak
 from .model import peak_memory
 from .setup import Setup, usable_bytes
@@ -60,19 +65,28 @@ def from_model(setup: Setup) -> tuple[str, ...]:
     return (*ZERO_STATIC_TERMS, "step phase", *kernel)
 
 
-def traced_setup_peak(setup: Setup, length: int, rank: int = 0, depth: str = "full") -> dict:
+def peak_ranks(setup: Setup) -> tuple[int, ...]:
+    """The SP ranks whose traces bound every rank's peak (module doc): rank 0, and the last for blockwise attention."""
+    return (0, setup.sp - 1) if blockwise(setup) else (0,)
+
+
+def traced_setup_peak(setup: Setup, length: int, rank: int | None = None, depth: str = "full") -> dict:
     """The traced device peak of `setup` at `length` (module doc; `depth`: "extrapolated" or "full") beside the
     model's prediction.
 
     Returns {"length", "traced_gib", "model_gib", "error" (model / traced − 1), "fits" (traced ≤ the GPU's usable
     memory), "from_model" (model terms added), "peak_phase", "host_gib" (offloaded checkpoints, traced),
-    "depth" (the layers traced: "28" or "2,3→28"), "trace_s", "trace" (memory/trace.py's dict)}."""
+    "depth" (the layers traced: "28" or "2,3→28"), "rank" (the SP rank that peaks), "trace_s" (every rank's
+    traces), "trace" (memory/trace.py's dict)}. `rank`: trace that SP rank only (default `peak_ranks`)."""
     if depth not in TRACE_DEPTHS:
         raise ValueError(f"depth {depth!r}: use one of {', '.join(TRACE_DEPTHS)}")
     spec = spec_for(setup, length)
     zero = from_model(setup)[0] != "workspace"
-    trace = extrapolated_peak(spec, rank) if zero and depth == "extrapolated" else traced_peak(spec, rank)
-    return composed_peak(setup, length, trace)
+    ranks = peak_ranks(setup) if rank is None else (rank,)
+    peaks = {r: composed_peak(setup, length, extrapolated_peak(spec, r) if zero and depth == "extrapolated"
+                              else traced_peak(spec, r)) for r in ranks}
+    top = max(peaks, key=lambda r: peaks[r]["traced_gib"])
+    return {**peaks[top], "rank": top, "trace_s": sum(p["trace_s"] for p in peaks.values())}
 
 
 def depth_label(trace: dict) -> str:
@@ -140,4 +154,4 @@ def check_row(row: dict, setup: Setup, depth: str = "full") -> dict:
     return {**row, "traced_gib": r["traced_gib"], "trace_error": r["error"], "traced_phase": r["peak_phase"],
             "traced_where": r["trace"]["peak_where"] if r["from_model"][0] == "workspace" else r["trace"]["state_free_where"],
             "traced_host_gib": r["host_gib"], "from_model": r["from_model"], "trace_depth": r["depth"],
-            "trace_s": round(r["trace_s"], 1)}
+            "traced_rank": r["rank"], "trace_s": round(r["trace_s"], 1)}
