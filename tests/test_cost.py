@@ -32,6 +32,18 @@ def test_tiny_step_costs_its_references(method, balance):
     assert abs(r["memory"]["error"]) < 0.01, r["memory"]
 
 
+def test_ring_memory_is_the_last_ranks():
+    """A contiguous ring's rank 0 computes its diagonal block only; the last rank holds a received K/V block at every
+    kernel call: the cost's traced peak is the larger, rank sp − 1's (memory/traced.py peak_ranks)."""
+    setup = Setup("tiny", "sft", 4, 80, 4, 0, frozenset(), MemoryFeatures(tiled_loss_chunk=32, tiled_mlp_chunks=4,
+                                                                         checkpoint_offload=True), "ring")
+    from spbench.memory.traced import traced_setup_peak
+
+    r = step_cost(setup, 8192, balance=False)
+    first = traced_setup_peak(setup, 8192, rank=0)["traced_gib"]
+    assert r["memory"]["rank"] == 3 and r["memory"]["traced_gib"] > first
+
+
 def test_qwen7b_1m_tokens_sp8_costs():
     """The issue's CI check: Qwen2.5-7B, 1M tokens, SP 8 (hybrid u4 × r2: 28 heads), ZeRO-3 + offload, one step on
     rank 0 in well under a minute here: FLOPs/ideal 1.0000, bytes/(minimum + explained) 1.0000, traced peak within

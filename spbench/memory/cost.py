@@ -4,7 +4,8 @@
 fake process group (memory/step.py `fake_step`), and counts in that one run:
 
 * memory: the traced peak (memory/trace.py's tracker; a ZeRO setup's static terms from the model, memory/traced.py)
-  beside the analytic model's prediction;
+  beside the analytic model's prediction; for blockwise attention also SP rank sp − 1's (a second trace: the
+  ring's last place can peak higher), the larger counts and "rank" says whose;
 * FLOPs: matmuls by `torch.utils.flop_counter`'s formulas (counted by the memory tracker), attention from the kernel calls (memory/flops.py), over the ideal
   (forward + one recompute + backward, + DPO's reference forward);
 * bytes: what the runtime's byte counter saw the SP collectives send, over the analytic minimum
@@ -26,7 +27,7 @@ from .flops import AttentionTally, attention_balance, counting_kernel, ideal_flo
 from .setup import Setup, shape_of
 from .step import fake_step
 from .trace import peak_record, traced_step
-from .traced import composed_peak, spec_for
+from .traced import composed_peak, peak_ranks, spec_for, traced_setup_peak
 
 KERNEL = {"attention_kernel": "cpu-flash-split"}  # = cpu-flash on unpacked rows; no masks, so pairs are counted
 
@@ -41,7 +42,9 @@ def step_cost(setup: Setup, length: int, balance: bool = True) -> dict:
         tracker, metrics = traced_step(trainer, micro_batches, count_flops=True)
         chunk = trainer.cfg.tiled_loss_chunk
     tokens = metrics["rank_tokens"]
-    memory = composed_peak(setup, length, {**peak_record(spec, 0, tracker, tokens), "trace_s": 0.0})
+    memory = {**composed_peak(setup, length, {**peak_record(spec, 0, tracker, tokens), "trace_s": 0.0}), "rank": 0}
+    if len(peak_ranks(setup)) > 1:  # blockwise attention: the ring's last place can peak higher (memory/traced.py)
+        memory = max(memory, traced_setup_peak(setup, length, rank=setup.sp - 1), key=lambda r: r["traced_gib"])
     ideal = ideal_flops(spec, chunk is not None and tokens > chunk)
     matmul = int(tracker.flops)
     m = shape_of(setup.model)
@@ -55,7 +58,7 @@ def step_cost(setup: Setup, length: int, balance: bool = True) -> dict:
         "zero": setup.zero, "offload": sorted(setup.offload), "features": setup.features.to_json(),
         "rank_tokens": tokens,
         "memory": {k: memory[k] for k in ("traced_gib", "model_gib", "error", "fits", "from_model", "peak_phase",
-                                          "host_gib")} | {"where": memory["trace"]["state_free_where"]},
+                                          "host_gib", "rank")} | {"where": memory["trace"]["state_free_where"]},
         "flops": {"counted": matmul + tally.flops, "ideal": ideal["total"], "ratio": (matmul + tally.flops) / ideal["total"],
                   "matmul_ratio": matmul / ideal["matmul"], "attention_ratio": tally.flops / ideal["attention"],
                   "early_stop_saving": ideal["early_stop_saving"]},
