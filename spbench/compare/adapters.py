@@ -37,6 +37,23 @@ class Implementation:
         return out
 
 
+def register_wrapped_attention(trainer, counter_name: str, sent_bytes: Callable, attend: Callable) -> None:
+    """Register an implementation's attention under the runtime's attention name (transformers'
+    AttentionInterface, no patching): each call adds `sent_bytes(query, key)` (the bytes its all-to-alls send per
+    rank) to the trainer's byte counter as `counter_name`, then returns `attend(module, query, key, value, *args,
+    **kwargs)` — transformers' (out, weights); the harness's attention mask is not passed (None: the causal or
+    position_ids form the implementation takes)."""
+    from transformers import AttentionInterface
+
+    from runtime.attention.hf import ATTN_NAME
+
+    def forward(module, query, key, value, attention_mask, *args, sp_batch=None, **kwargs):
+        trainer.comm.add(counter_name, sent_bytes(query, key))
+        return attend(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register(ATTN_NAME, forward)
+
+
 SPBENCH = Implementation(
     name="spbench", packages=("spbench", "torch", "transformers"), sp_job=train_on_rank,
     features={"strategies": ["ulysses", "ring", "zigzag", "hybrid", "allgather"], "gqa": "any kv_heads (replicated "

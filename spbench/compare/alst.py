@@ -11,7 +11,7 @@ MLP and loss, and its DeepSpeed-engine gradient reduction (measured by hand 2026
 from __future__ import annotations
 
 from ..common.jobs import train_on_rank
-from .adapters import Implementation
+from .adapters import Implementation, register_wrapped_attention
 
 
 def _refuses(case) -> str | None:
@@ -25,10 +25,7 @@ def use_alst_attention(trainer, pc) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from runtime.attention.hf import ATTN_NAME
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # its collectives go through deepspeed.comm
     cfg = trainer.cfg
@@ -42,12 +39,11 @@ def use_alst_attention(trainer, pc) -> None:
                                  seq_length_is_variable=True)
     uattn.core_attn_implementation = "sdpa"
 
-    def forward(module, query, key, value, attention_mask, *args, sp_batch=None, **kwargs):
-        sent = (2 * query.numel() + 2 * key.numel() * max(1, sp // kv)) * query.element_size() * (sp - 1) / sp
-        trainer.comm.add("alst_all_to_all", sent)
-        return uattn(module, query, key, value, None, *args, **kwargs)
+    def sent(query, key):
+        return (2 * query.numel() + 2 * key.numel() * max(1, sp // kv)) * query.element_size() * (sp - 1) / sp
 
-    AttentionInterface.register(ATTN_NAME, forward)
+    register_wrapped_attention(trainer, "alst_all_to_all", sent,
+                               lambda module, q, k, v, *args, **kwargs: uattn(module, q, k, v, None, *args, **kwargs))
 
 
 def train_with_alst_attention(info, cfg_values: dict, capture_grads: bool = False) -> dict | None:

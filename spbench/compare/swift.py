@@ -18,7 +18,7 @@ import importlib.util
 import math
 
 from ..common.jobs import train_on_rank
-from .adapters import Implementation
+from .adapters import Implementation, register_wrapped_attention
 
 INSTALL = "pip install ms-swift; nox -s compare-swift"
 
@@ -57,10 +57,7 @@ def use_swift_attention(trainer, pc) -> None:
     from swift.sequence_parallel import SequenceParallel
     from swift.sequence_parallel.ulysses import DistributedAttention
     from torch.distributed.device_mesh import DeviceMesh
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from runtime.attention.hf import ATTN_NAME
 
     sp = trainer.cfg.sequence_parallel_size
     state = SequenceParallel()  # this job's own; never the module-level `sequence_parallel`
@@ -75,15 +72,16 @@ def use_swift_attention(trainer, pc) -> None:
 
     uattn = DistributedAttention(local_sdpa, state)
 
-    def forward(module, query, key, value, attention_mask, *args, sp_batch=None, **kwargs):
+    def sent(query, key):
+        return 2 * (query.numel() + key.numel()) * query.element_size() * (sp - 1) / sp
+
+    def attend(module, query, key, value, *args, **kwargs):
         # q [b, H, s/N, d], k/v [b, KV, s/N, d] -> DistributedAttention's [b, s/N, heads, d]
-        sent = 2 * (query.numel() + key.numel()) * query.element_size() * (sp - 1) / sp
-        trainer.comm.add("swift_all_to_all", sent)
         out = uattn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, *args, module=module,
                     **kwargs)
         return out, None  # [b, s/N, H, d]
 
-    AttentionInterface.register(ATTN_NAME, forward)
+    register_wrapped_attention(trainer, "swift_all_to_all", sent, attend)
 
 
 def train_with_swift_attention(info, cfg_values: dict, capture_grads: bool = False) -> dict | None:
