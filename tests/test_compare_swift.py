@@ -35,3 +35,24 @@ def test_ms_swift_verdicts(pools):
                                                           "sft-ulysses-sp4": "refused", "sft-ring-sp2": "refused"}
     assert "Ulysses 2 x ring 2 (hybrid)" in rows["sft-ulysses-sp4"]["cause"]
     assert rows["sft-ulysses-sp2"]["metrics"]["max_loss_rel_err"] < 1e-12
+
+
+def test_ms_swift_attention_is_traced_in_the_harness_step(monkeypatch):
+    """`compare --trace-memory` in ms-swift's venv: its DistributedAttention runs inside the traced step (fake tensors,
+    fake process group), every layer's forward and recompute."""
+    pytest.importorskip("swift.sequence_parallel")
+    from swift.sequence_parallel.ulysses import DistributedAttention
+
+    from runtime.memory import MemoryFeatures
+    from spbench.compare.traced import TRACERS
+    from spbench.memory.setup import Setup
+
+    calls = []
+    real = DistributedAttention.forward
+    monkeypatch.setattr(DistributedAttention, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    plain = MemoryFeatures(tiled_loss_chunk=None, tiled_mlp_chunks=None, tiled_norm_chunk=None)
+    setup = Setup("tiny", "sft", gpus=2, sp=2, zero=3, offload=frozenset({"optimizer", "param"}), features=plain,
+                  sp_method="ulysses")
+    trace = TRACERS["ms-swift-ulysses"](setup, 1024)
+    assert trace["tokens"] == 512 and trace["state_free_peak_gib"] > 0
+    assert len(calls) == 2 * (2 + 3)  # forward and checkpoint recompute, 2- and 3-layer traces

@@ -3,6 +3,7 @@ ALST's own step runs on fake tensors with its attention's SP shapes and extrapol
 search bisects on composed traced peaks; `spbench compare --merge --trace-memory` puts the rows in the report."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -64,7 +65,7 @@ def test_compare_merge_trace_memory_renders_the_traced_rows(tmp_path, monkeypatc
     row = {"impl": "deepspeed-alst", "model": "llama-3.1-8b", "setup": "ulysses SP 8", "max_len": 1048576,
            "estimated_max_len": 1441792, "traced_gib": 74.7, "model_gib": 55.7, "error": -0.254, "peak_phase": "b",
            "layers_traced": "2,3→32", "probes": 7, "trace_s": 51.7, "resolution": 16384, "source": "traced"}
-    monkeypatch.setattr(traced, "traced_rows", lambda impls: {"deepspeed-alst": row})
+    monkeypatch.setattr(traced, "traced_rows", lambda impls, carried=None: {"deepspeed-alst": row})
     src = tmp_path / "run" / "compare.json"
     src.parent.mkdir()
     src.write_text(json.dumps(_minimal_doc()))
@@ -74,6 +75,27 @@ def test_compare_merge_trace_memory_renders_the_traced_rows(tmp_path, monkeypatc
     text = (tmp_path / "out" / "report.md").read_text()
     assert "traced on CPU (no checkpoint offload)" in text and "| deepspeed-alst | llama-3.1-8b | ulysses SP 8 | 1,048,576 |" in text
     assert "-25.4%" in text
+
+
+def test_merge_carries_rows_traced_in_other_venvs(tmp_path, monkeypatch):
+    """ms-swift's step traces only in its venv: its run's traced row survives the merge; what traces here
+    (deepspeed-alst) is traced again by the merge's --trace-memory, not carried."""
+    carried = {"impl": "ms-swift-ulysses", "model": "llama-3.1-8b", "setup": "ulysses SP 8", "max_len": 344064,
+               "estimated_max_len": 344064, "traced_gib": 74.7, "model_gib": 74.7, "error": 0.0, "peak_phase": "b",
+               "layers_traced": "2,3→32", "probes": 7, "trace_s": 51.7, "resolution": 16384, "source": "its attention"}
+    doc = _minimal_doc()
+    doc["implementations"]["ms-swift-ulysses"] = {"versions": {"ms-swift": "4.6.0"}, "features": {}}
+    doc["maxlen_traced"] = {"ms-swift-ulysses": carried, "deepspeed-alst": {**carried, "max_len": 7}}
+    monkeypatch.setattr(traced, "traceable_here", lambda impl: impl == "deepspeed-alst")
+    monkeypatch.setattr(traced, "traced_row", lambda impl, log=print: {**carried, "impl": impl, "max_len": 1})
+    src = tmp_path / "run" / "compare.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps(doc))
+    assert main(["compare", "--merge", f"run={src}", "--trace-memory", "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "compare.json").read_text())["maxlen_traced"]
+    assert rows["ms-swift-ulysses"]["max_len"] == 344064 and rows["ms-swift-ulysses"]["run"] == 0
+    assert rows["deepspeed-alst"]["max_len"] == 1
+    assert traced.traceable_here("ms-swift-ulysses") is False or importlib.util.find_spec("swift") is not None
 
 
 def test_the_trace_lets_sdpa_run_causal_without_a_mask_as_a_gpu_does():

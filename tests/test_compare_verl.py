@@ -38,3 +38,23 @@ def test_verl_flash_patch_refused_without_flash_attention(pools):
         pytest.skip("a flash attention is installed here: verl's own path runs (nox -s compare-verl)")
     rows = compare([verl.VERL], select(load_suite("ci")[1], "sft-ulysses-sp2"), log=lambda m: None, pools={2: pools(2)})
     assert rows[0]["verdict"] == "refused" and "ImportError" in rows[0]["cause"]
+
+
+def test_verl_all_to_alls_are_traced_in_the_harness_step(monkeypatch):
+    """`compare --trace-memory` in verl's venv: its sequence-to-head all-to-alls run inside the traced step (fake
+    tensors, fake process group) for q, k and v of every layer's forward and recompute."""
+    ulysses = pytest.importorskip("verl.utils.ulysses")
+    pytest.importorskip("verl.models.transformers.monkey_patch")
+    from runtime.memory import MemoryFeatures
+    from spbench.compare.traced import TRACERS
+    from spbench.memory.setup import Setup
+
+    calls = []
+    real = ulysses.gather_seq_scatter_heads
+    monkeypatch.setattr(ulysses, "gather_seq_scatter_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = MemoryFeatures(tiled_loss_chunk=None, tiled_mlp_chunks=None, tiled_norm_chunk=None)
+    setup = Setup("tiny", "sft", gpus=2, sp=2, zero=3, offload=frozenset({"optimizer", "param"}), features=plain,
+                  sp_method="ulysses")
+    trace = TRACERS["verl-ulysses-sdpa"](setup, 1024)
+    assert trace["tokens"] == 512 and trace["state_free_peak_gib"] > 0
+    assert len(calls) == 3 * 2 * (2 + 3)  # q, k, v; forward and recompute; 2- and 3-layer traces

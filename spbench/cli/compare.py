@@ -36,7 +36,8 @@ def add_arguments(p) -> None:
                         "instead of running anything")
     p.add_argument("--trace-memory", action="store_true",
                    help="also trace the max length on 8 x 80 GB of each implementation whose step runs on fake "
-                        "tensors (spbench, deepspeed-alst; no checkpoint offload; minutes each: compare/traced.py)")
+                        "tensors (spbench, deepspeed-alst; ms-swift, verl in their venvs, a merge carries their rows; no "
+                        "checkpoint offload; minutes each: compare/traced.py)")
     p.add_argument("--baseline-out", metavar="FILE", help="also write the verdicts alone (rows without metrics) "
                    "as a `spbench gate` baseline, e.g. spbench/suites/golden/compare.json")
 
@@ -99,7 +100,7 @@ def _write(doc: dict, out, baseline_out: str | None, trace_memory: bool = False)
     if trace_memory:
         from ..compare.traced import traced_rows
 
-        doc["maxlen_traced"] = traced_rows(doc["implementations"])
+        doc["maxlen_traced"] = traced_rows(doc["implementations"], doc.get("maxlen_traced"))
     written = write_report(doc, out)
     if baseline_out:
         write_json_atomic(baseline_out, baseline_of(doc))

@@ -35,6 +35,7 @@ def merge(inputs: list[tuple[str, str, dict]], prov: dict) -> dict:
     impls: dict[str, dict] = {}
     covered: set[tuple[str, str]] = set()  # (implementation key, suite) pairs already taken
     rows: list[dict] = []
+    traced: dict[str, dict] = {}
     for index, (label, path, doc) in enumerate(inputs):
         if doc.get("schema") != COMPARE or "runs" in doc:
             raise UsageError(f"--merge {path}: not a single `spbench compare` run document (schema {COMPARE}, no "
@@ -48,9 +49,11 @@ def merge(inputs: list[tuple[str, str, dict]], prov: dict) -> dict:
         runs.append({"label": label, "file": str(path), "suite": suite, "provenance": doc["provenance"],
                      "implementations": list(names.values())})
         rows += [{**r, "impl": names[r["impl"]], "suite": suite, "run": index} for r in doc["rows"]]
+        for impl, row in (doc.get("maxlen_traced") or {}).items():  # traced in that run's venv; the first run wins
+            traced.setdefault(impl, {**row, "run": index})
     suites = list(dict.fromkeys(run["suite"] for run in runs))
     return {"schema": COMPARE, "suite": "+".join(suites), "provenance": prov, "runs": runs,
-            "implementations": impls, "rows": rows}
+            "implementations": impls, "rows": rows, **({"maxlen_traced": traced} if traced else {})}
 
 
 def _key(name, label, suite, info, impls, covered, path) -> str:

@@ -1,7 +1,8 @@
 """Traced max lengths of the implementations whose training step runs on fake tensors (`spbench compare
 --trace-memory`): the runtime's own step (spbench/memory/traced.py) and DeepSpeed ALST's (compare/alst_trace.py).
 
-Each implementation's compare/memory.toml setup, WITHOUT checkpoint offload (ALST's offload is not traced:
+ms-swift's and verl's attention are traced in the harness's step (TRACERS), in their own venvs: a merge carries
+their rows from the input runs. Each implementation's compare/memory.toml setup, WITHOUT checkpoint offload (ALST's offload is not traced:
 alst_trace.py), is searched as `spbench maxlen --trace search` does: every probe length is one step traced on SP rank
 0 (2 and 3 decoder layers, extrapolated), composed with ZeRO's static terms from the memory model, "ok" when it fits
 the 80 GB GPU's usable memory; bracket from the model's estimate, bisect to RESOLUTION tokens. The row holds the
@@ -9,6 +10,8 @@ traced max length beside the model's estimate for the same setup, and the model'
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
 
 from ..common.units import GiB
@@ -32,8 +35,39 @@ def _alst_trace(setup, length: int) -> dict:
     return alst_extrapolated(setup.model, length, setup.sp)
 
 
-TRACERS = {"spbench": _spbench_trace, "deepspeed-alst": _alst_trace}
-"""Implementation (base name) → its step traced at a length: memory/trace.py's state-free fields."""
+def _attention_trace(package: str, rank_setup: str):
+    """The harness's step with an adapter's attention swapped in (`rank_setup`: the name of its rank setup in
+    compare/<package>.py), traced as the runtime's is; needs `package` installed (its own venv)."""
+
+    def trace(setup, length: int) -> dict:
+        from runtime.models import model_config
+
+        from ..memory.depth import extrapolated
+        from ..memory.trace import traced_peak
+        from ..memory.traced import spec_for
+
+        use = getattr(importlib.import_module(f"spbench.compare.{package}"), rank_setup)
+        spec = spec_for(setup, length)
+        return extrapolated(lambda d: traced_peak(spec, 0, layers=d, setup=use),
+                            model_config(setup.model).num_hidden_layers)
+
+    trace.package = package
+    trace.source = (f"its attention traced in the harness's step on CPU (fake tensors; {package}'s own trainer not "
+                    f"run; ZeRO's static terms from the memory model)")
+    return trace
+
+TRACERS = {"spbench": _spbench_trace, "deepspeed-alst": _alst_trace,
+           "ms-swift-ulysses": _attention_trace("swift", "use_swift_attention"),
+           "verl-ulysses-sdpa": _attention_trace("verl", "use_verl_all_to_all_sdpa")}
+"""Implementation (base name) → its step traced at a length: memory/trace.py's state-free fields. ms-swift's and
+verl's own trainers do not run here: their attention is traced inside the harness's step with their memory.toml
+features (transformers' modules, untiled loss), as their parity verdicts run."""
+
+
+def traceable_here(impl: str) -> bool:
+    """Whether `impl`'s step can be traced in this venv (its package installed)."""
+    package = getattr(TRACERS.get(impl), "package", None)
+    return impl in TRACERS and (package is None or importlib.util.find_spec(package) is not None)
 
 
 def traced_row(impl: str, log=print) -> dict:
@@ -62,10 +96,13 @@ def traced_row(impl: str, log=print) -> dict:
             "error": best.get("error"), "peak_phase": best.get("peak_phase"),
             "layers_traced": depth_label(best["trace"]) if best else None, "probes": len(outcome.probes),
             "trace_s": round(sum(p["trace_s"] for p in outcome.probes), 1), "resolution": RESOLUTION,
-            "source": "traced on CPU (fake tensors; ZeRO's static terms from the memory model)"}
+            "source": getattr(trace, "source", "traced on CPU (fake tensors; ZeRO's static terms from the memory model)")}
 
 
-def traced_rows(impls) -> dict[str, dict]:
-    """{implementation: traced_row} for the names in `impls` whose step can be traced (by base name)."""
-    bases = sorted({base_name(n) for n in impls} & set(TRACERS))
-    return {b: traced_row(b, log=lambda m: print(m, file=sys.stderr, flush=True)) for b in bases}
+def traced_rows(impls, carried: dict | None = None) -> dict[str, dict]:
+    """{implementation: traced_row} for the names in `impls` (by base name) whose step can be traced in this venv;
+    `carried` (traced rows of the input runs, traced in their own venvs) keeps those that cannot be traced here."""
+    bases = {base_name(n) for n in impls}
+    here = sorted(b for b in bases if traceable_here(b))
+    kept = {b: row for b, row in (carried or {}).items() if b in bases and b not in here}
+    return {**kept, **{b: traced_row(b, log=lambda m: print(m, file=sys.stderr, flush=True)) for b in here}}

@@ -168,7 +168,7 @@ def _host_bytes(trainer):
     return live
 
 
-def traced_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) -> dict:
+def traced_peak(spec: StepSpec, rank: int = 0, layers: int | None = None, setup=None) -> dict:
     """Peak memory of one steady-state training step of `spec` on SP rank `rank`, traced on fake tensors.
 
     Returns {"schema", "model", "stage", "length", "tokens" (this rank's), "sp", "method", "rank", "dtype",
@@ -178,7 +178,9 @@ def traced_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) -> dic
     "backward" | "optimizer"), "peak_where" (module and op), "phase_peak_gib", "by_category_gib" (the tensors live at the peak: parameter, buffer,
     gradient, activation, temp, optstate, other; host copies included; MemTracker may file recomputed activations
     under act or temp, the total is exact), "attention_ops", "layers" (the depth traced), "trace_s"}. `layers`:
-    trace the preset at that many decoder layers (memory/depth.py; default the model's own)."""
+    trace the preset at that many decoder layers (memory/depth.py; default the model's own). `setup(trainer, pc)`:
+    another SP implementation's rank setup (spbench/compare adapters, as common/jobs.train_on_rank takes it),
+    applied to the built trainer before the step."""
     why = available()
     if why:
         raise RuntimeError(f"cannot trace memory: {why}")
@@ -189,6 +191,11 @@ def traced_peak(spec: StepSpec, rank: int = 0, layers: int | None = None) -> dic
         raise ValueError(f"rank {rank} is not an SP rank of sp={spec.sp}")
     t0 = time.perf_counter()
     with fake_step(spec, rank, layers=layers) as (trainer, micro_batches):
+        if setup is not None:  # outside the fake mode: it builds real bookkeeping (ms-swift: a DeviceMesh's rank map)
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                setup(trainer, trainer.pc)
         tracker, metrics = traced_step(trainer, micro_batches)
         depth = trainer.model.config.num_hidden_layers
     return {**peak_record(spec, rank, tracker, metrics["rank_tokens"]), "layers": depth,
