@@ -65,7 +65,7 @@ def test_compare_merge_trace_memory_renders_the_traced_rows(tmp_path, monkeypatc
     row = {"impl": "deepspeed-alst", "model": "llama-3.1-8b", "setup": "ulysses SP 8", "max_len": 1048576,
            "estimated_max_len": 1441792, "traced_gib": 74.7, "model_gib": 55.7, "error": -0.254, "peak_phase": "b",
            "layers_traced": "2,3→32", "probes": 7, "trace_s": 51.7, "resolution": 16384, "source": "traced"}
-    monkeypatch.setattr(traced, "traced_rows", lambda impls, carried=None: {"deepspeed-alst": row})
+    monkeypatch.setattr(traced, "traced_rows", lambda impls, carried=None, only=None: {"deepspeed-alst": row})
     src = tmp_path / "run" / "compare.json"
     src.parent.mkdir()
     src.write_text(json.dumps(_minimal_doc()))
@@ -96,6 +96,20 @@ def test_merge_carries_rows_traced_in_other_venvs(tmp_path, monkeypatch):
     assert rows["ms-swift-ulysses"]["max_len"] == 344064 and rows["ms-swift-ulysses"]["run"] == 0
     assert rows["deepspeed-alst"]["max_len"] == 1
     assert traced.traceable_here("ms-swift-ulysses") is False or importlib.util.find_spec("swift") is not None
+
+
+def test_trace_memory_traces_only_the_implementations_named(tmp_path, monkeypatch, capsys):
+    """--trace-memory IMPL (ms-swift's venv traces ms-swift alone, not spbench again); an unknown name is one line,
+    exit 2, before anything runs."""
+    monkeypatch.setattr(traced, "traceable_here", lambda impl: True)
+    monkeypatch.setattr(traced, "traced_row", lambda impl, log=print: {"impl": impl})
+    assert traced.traced_rows(["spbench", "deepspeed-alst"], only={"deepspeed-alst"}) == {
+        "deepspeed-alst": {"impl": "deepspeed-alst"}}
+    assert set(traced.traced_rows(["spbench", "deepspeed-alst"])) == {"spbench", "deepspeed-alst"}
+    assert main(["compare", "--merge", "x.json", "--trace-memory", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--trace-memory nope: the traceable implementations are spbench, deepspeed-alst" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_the_trace_lets_sdpa_run_causal_without_a_mask_as_a_gpu_does():

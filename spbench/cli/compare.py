@@ -34,10 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--merge", nargs="+", metavar="[LABEL=]compare.json",
                    help="merge these runs' documents into one (in order; LABEL names a run, default its folder) "
                         "instead of running anything")
-    p.add_argument("--trace-memory", action="store_true",
-                   help="also trace the max length on 8 x 80 GB of each implementation whose step runs on fake "
-                        "tensors (spbench, deepspeed-alst; ms-swift, verl in their venvs, a merge carries their rows; no "
-                        "checkpoint offload; minutes each: compare/traced.py)")
+    p.add_argument("--trace-memory", nargs="?", const="all", metavar="IMPL,...",
+                   help="also trace the max length on 8 x 80 GB of each implementation (or the ones named) whose step "
+                        "runs on fake tensors (spbench, deepspeed-alst; ms-swift, verl in their venvs, a merge carries "
+                        "their rows; no checkpoint offload; minutes each: compare/traced.py)")
     p.add_argument("--baseline-out", metavar="FILE", help="also write the verdicts alone (rows without metrics) "
                    "as a `spbench gate` baseline, e.g. spbench/suites/golden/compare.json")
 
@@ -45,6 +45,13 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.baseline_out:  # checked before hours of cases, not after
         writable_folder(Path(args.baseline_out).resolve().parent, "--baseline-out")
+    if args.trace_memory and args.trace_memory != "all":
+        from ..compare.traced import TRACERS
+
+        unknown = sorted(set(args.trace_memory.split(",")) - set(TRACERS))
+        if unknown:
+            raise UsageError(f"--trace-memory {','.join(unknown)}: the traceable implementations are "
+                             f"{', '.join(TRACERS)} (or give --trace-memory alone for all)")
     if args.merge:
         return _merge(args)
     from ..check.cases import load_suite, select
@@ -89,7 +96,7 @@ def _merge(args) -> int:
     return _write(doc, out, args.baseline_out, args.trace_memory)
 
 
-def _write(doc: dict, out, baseline_out: str | None, trace_memory: bool = False) -> int:
+def _write(doc: dict, out, baseline_out: str | None, trace_memory: str | None = None) -> int:
     """The document with its max-length estimates (and traces), its report.md and PNG, compare.json last (present =
     complete); the gate baseline of its verdicts to `baseline_out`."""
     from ..compare.estimate import estimates
@@ -100,7 +107,8 @@ def _write(doc: dict, out, baseline_out: str | None, trace_memory: bool = False)
     if trace_memory:
         from ..compare.traced import traced_rows
 
-        doc["maxlen_traced"] = traced_rows(doc["implementations"], doc.get("maxlen_traced"))
+        only = None if trace_memory == "all" else set(trace_memory.split(","))
+        doc["maxlen_traced"] = traced_rows(doc["implementations"], doc.get("maxlen_traced"), only)
     written = write_report(doc, out)
     if baseline_out:
         write_json_atomic(baseline_out, baseline_of(doc))

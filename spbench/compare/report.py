@@ -160,16 +160,18 @@ def _traced_section(traced: dict) -> list[str]:
     if not traced:
         return []
     lines = ["", "## Max length on 8 × 80 GB: traced on CPU (no checkpoint offload)", "",
-             "Each implementation's own step, traced on fake tensors as SP rank 0 (2 and 3 decoder layers, extrapolated), "
+             "Each implementation's step traced on fake tensors as SP rank 0 (2 and 3 decoder layers, extrapolated), "
              "with ZeRO's static terms from the memory model; bisected on traced peaks against 75.5 GiB usable "
-             f"(resolution {next(iter(traced.values()))['resolution']:,} tokens). The memory model models the runtime's "
-             "step: its error on another implementation's is how differently that step holds memory.", "",
+             f"(resolution {next(iter(traced.values()))['resolution']:,} tokens). spbench's and DeepSpeed ALST's own "
+             "steps; ms-swift's and verl's attention inside the harness's step (their trainers do not run here), "
+             "traced in their venvs (`traced in`: the run). The memory model models the runtime's step: its error "
+             "on another implementation's is how differently that step holds memory.", "",
              "| implementation | model | memory features | max length (traced) | traced GiB there | model GiB there "
-             "| model − trace | max length (model) | probes | trace s |", "|---" * 10 + "|"]
+             "| model − trace | max length (model) | probes | trace s | traced in |", "|---" * 11 + "|"]
     for name, t in traced.items():
         lines.append(f"| {name} | {t['model']} | {t['setup']} | {t['max_len']:,} | {_cell(_round(t['traced_gib']))} | "
                      f"{_cell(_round(t['model_gib']))} | {t['error']:+.1%} | {t['estimated_max_len']:,} | {t['probes']} | "
-                     f"{t['trace_s']} |")
+                     f"{t['trace_s']} | {'this merge' if t.get('run') is None else 'run ' + str(t['run'])} |")
     return lines
 
 

@@ -99,10 +99,10 @@ def traced_row(impl: str, log=print) -> dict:
             "source": getattr(trace, "source", "traced on CPU (fake tensors; ZeRO's static terms from the memory model)")}
 
 
-def traced_rows(impls, carried: dict | None = None) -> dict[str, dict]:
-    """{implementation: traced_row} for the names in `impls` (by base name) whose step can be traced in this venv;
-    `carried` (traced rows of the input runs, traced in their own venvs) keeps those that cannot be traced here."""
+def traced_rows(impls, carried: dict | None = None, only: set[str] | None = None) -> dict[str, dict]:
+    """{implementation: traced_row} for the names in `impls` (by base name; `only`: those of them) whose step can
+    be traced in this venv; `carried` (traced rows of the input runs, traced in their own venvs) keeps the rest."""
     bases = {base_name(n) for n in impls}
-    here = sorted(b for b in bases if traceable_here(b))
+    here = sorted(b for b in bases if traceable_here(b) and (only is None or b in only))
     kept = {b: row for b, row in (carried or {}).items() if b in bases and b not in here}
     return {**kept, **{b: traced_row(b, log=lambda m: print(m, file=sys.stderr, flush=True)) for b in here}}
