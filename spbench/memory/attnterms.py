@@ -2,9 +2,9 @@
 adds them into a layer's backward; the notation is terms.py's: h hidden, H/Hk heads/kv heads, d head dim).
 
 Checked against traces of the trainer's step at 1M tokens, SP 8, ZeRO-3 + checkpoint offload, the trace's own CPU
-kernel (reports/cost/strategies: `spbench cost --attention-kernel cpu-flash`, 2026-12-01; model / trace − 1 of the
-whole peak): Qwen2.5-7B zigzag −0.12 %, hybrid u4×r2 +1.75 %, ring +1.75 %, allgather +7.11 % (safe side: the
-casts' moment has no halves' copies); Llama-3.1-8B ulysses −0.26 %. The CUDA kernel's own bytes
+kernel (reports/cost/strategies: `spbench cost --attention-kernel cpu-flash`, 2026-12-02, the peak over SP ranks 0
+and 7; model / trace − 1 of the whole peak): Qwen2.5-7B zigzag −0.12 %, hybrid u4×r2 −0.13 %, ring −0.13 % (rank
+7), allgather −0.09 % (rank 7); Llama-3.1-8B ulysses −0.26 %. The CUDA kernel's own bytes
 (`cuda_kernel_bytes`) are derived from the code, not traced or measured.
 """
 from __future__ import annotations
