@@ -49,7 +49,8 @@ def maxlen_section(doc: dict, path: Path) -> list[str]:
         traced = [r for r in doc["rows"] if isinstance(r.get("trace_error"), (int, float))]
         worst = max(traced, key=lambda r: abs(r["trace_error"]), default=None)
         from_model = next((r["from_model"] for r in traced), [])
-        lines += ["", f"Traced on CPU (fake tensors, fake process group, SP rank 0, the trainer's step); terms from "
+        lines += ["", f"Traced on CPU (fake tensors, fake process group, the SP rank that peaks: 0, and sp − 1 for blockwise "
+                  f"attention; the trainer's step); terms from "
                   f"the model: {', '.join(from_model) or '—'}; \"layers traced\" 2,3→L: the step traced at 2 and 3 "
                   f"decoder layers, extrapolated to L (spbench/memory/depth.py). {len(traced)} rows traced"
                   + (f", largest model error {worst['trace_error']:+.2%} ({worst['model']} {worst['stage']} "
