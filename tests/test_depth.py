@@ -98,14 +98,17 @@ def test_depth_override_is_for_presets_only(tmp_path):
 
 @pytest.mark.parametrize("model,method,kernel,layers", [("llama-3.1-8b", "ulysses", "cpu-flash", 32),
                                                       ("qwen2.5-7b", "allgather", "cpu-flash", 28),
-                                                      ("llama-3.1-8b", "ulysses", "cuda-cudnn", 32)])
+                                                      ("llama-3.1-8b", "ulysses", "cuda-cudnn", 32),
+                                                      ("qwen2.5-1.5b", "hybrid", "cuda-cudnn", 28)])
 def test_the_model_tracks_the_trace_at_1m_tokens(model, method, kernel, layers):
     """1M tokens, SP 8, ZeRO-3 + offload and checkpoint offload: the memory model within 1 % of the
     depth-extrapolated trace (13.4 / 19.4 / 17.3 GiB device; full depth, reports/cost/strategies: −0.26 / −0.09 %).
     Holds the attention backward's kernel moment (o_proj's input counted alive: Llama +6 %), allgather's
     one-at-a-time casts of the gathered K/V's fp32 gradients (cast together, as before: the trace +0.6 GiB, −3.3 %),
     and where the CUDA kernel's bytes join the trace: right after a kernel call, not at Ulysses' all-to-alls around
-    it (joined to any op inside the attention module's backward, as before: −11.3 %)."""
+    it (joined to any op inside the attention module's backward, as before: −11.3 %). Qwen2.5-1.5B ties its
+    embeddings: the lm_head use's gradient waits through every layer's backward (terms.tied_head_grad_bytes; left out
+    of the layers phase: −5.1 %), and its hybrid u4 × r2 ring peaks on rank 0 or 7 (both traced)."""
     setup = Setup(model, "sft", 8, 80, 8, 3, frozenset({"optimizer", "param"}),
                   MemoryFeatures(checkpoint_offload=True), method, attention_kernel=kernel)
     r = traced.traced_setup_peak(setup, 1 << 20, depth="extrapolated")

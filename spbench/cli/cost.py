@@ -3,7 +3,7 @@
 For a model, length, SP size and strategy, ONE `Trainer.step` (the step `spbench train` runs) is run as SP rank 0
 on fake tensors with a fake process group (nothing is allocated: 7B at millions of tokens runs on a laptop), and
 prints: the traced per-rank peak memory beside the memory model's prediction (a ZeRO setup's static terms come from
-the model, named in the output), FLOPs over the ideal (forward + one recompute + backward), bytes the SP
+the model, named in the output; blockwise attention traces rank sp − 1 too and the larger peak counts, its rank shown), FLOPs over the ideal (forward + one recompute + backward), bytes the SP
 collectives sent over the analytic minimum (and over minimum + the excess it explains: the ring's final dK/dV hop,
 the recompute's attention), and the attention work imbalance max/mean over the SP ranks. `--json` ends stdout with
 one JSON line per length (schema spbench.cost/1); `--out FILE` writes them as one JSON document, which `spbench
@@ -82,13 +82,13 @@ def lengths_from(text: str) -> list[int]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["length", "rank tokens", "traced GiB", "model GiB", "model err", "FLOPs/ideal", "bytes/min",
+    head = ["length", "rank tokens", "traced GiB", "peak rank", "model GiB", "model err", "FLOPs/ideal", "bytes/min",
             "bytes/(min+expl.)", "attn max/mean", "wall s"]
     body = []
     for r in rows:
         b, bal = r["bytes"], r.get("attention_balance")
         body.append([f"{r['length']:,}", f"{r['rank_tokens']:,}", f"{r['memory']['traced_gib']:.2f}",
-                     f"{r['memory']['model_gib']:.2f}", f"{r['memory']['error']:+.2%}", f"{r['flops']['ratio']:.4f}",
+                     str(r["memory"]["rank"]), f"{r['memory']['model_gib']:.2f}", f"{r['memory']['error']:+.2%}", f"{r['flops']['ratio']:.4f}",
                      "-" if b["ratio"] is None else f"{b['ratio']:.4f}",
                      "-" if b["ratio_to_expected"] is None else f"{b['ratio_to_expected']:.4f}",
                      "-" if bal is None else f"{bal['max_over_mean']:.4f}", f"{r['wall_s']:.0f}"])
@@ -111,7 +111,7 @@ def run(args) -> int:
               file=sys.stderr, flush=True)
         rows.append(step_cost(setup, length, balance=not args.no_balance))
     s = setup
-    print(f"cost of one step on SP rank 0 ({s.model} {s.stage}, {s.gpus}×{s.gpu_mem_gib:g} GiB, SP {s.sp} {s.sp_method}"
+    print(f"cost of one step on SP rank 0, memory on the rank that peaks ({s.model} {s.stage}, {s.gpus}×{s.gpu_mem_gib:g} GiB, SP {s.sp} {s.sp_method}"
           f"{f' u{s.ulysses}×r{s.sp // s.ulysses}' if s.sp_method == 'hybrid' else ''}, ZeRO {s.zero}, offload "
           f"{','.join(sorted(s.offload)) or 'none'}; traced on fake tensors; model terms used: "
           f"{', '.join(rows[0]['memory']['from_model'])}):")

@@ -70,8 +70,9 @@ def add_arguments(p) -> None:
     p.add_argument("--emulate", action="store_true",
                    help="measure a --gpus N setup on one GPU: N gloo ranks share GPU 0, each capped at --gpu-mem")
     p.add_argument("--trace", choices=["search", "check"],
-                   help="CPU, no GPU: each probe is the trainer's step traced on fake tensors on SP rank 0 "
-                        "(spbench/memory/traced.py; ZeRO's static terms from the model). search: bracket and bisect "
+                   help="CPU, no GPU: each probe is the trainer's step traced on fake tensors on the SP rank that "
+                        "peaks (rank 0; blockwise attention: the larger of ranks 0 and sp - 1; "
+                        "spbench/memory/traced.py; ZeRO's static terms from the model). search: bracket and bisect "
                         "on traced peaks (rows labelled traced); check: one trace per row at the model's max length, "
                         "model vs trace")
     p.add_argument("--trace-depth", choices=TRACE_DEPTHS,
