@@ -102,7 +102,7 @@ def test_depth_override_is_for_presets_only(tmp_path):
                                                       ("qwen2.5-1.5b", "hybrid", "cuda-cudnn", 28)])
 def test_the_model_tracks_the_trace_at_1m_tokens(model, method, kernel, layers):
     """1M tokens, SP 8, ZeRO-3 + offload and checkpoint offload: the memory model within 1 % of the
-    depth-extrapolated trace (13.4 / 19.4 / 17.3 GiB device; full depth, reports/cost/strategies: −0.26 / −0.09 %).
+    depth-extrapolated trace (13.4 / 19.4 / 17.3 / 8.7 GiB device; full depth, reports/cost/strategies: −0.26 / −0.09 %).
     Holds the attention backward's kernel moment (o_proj's input counted alive: Llama +6 %), allgather's
     one-at-a-time casts of the gathered K/V's fp32 gradients (cast together, as before: the trace +0.6 GiB, −3.3 %),
     and where the CUDA kernel's bytes join the trace: right after a kernel call, not at Ulysses' all-to-alls around
