@@ -53,6 +53,6 @@ def test_ms_swift_attention_is_traced_in_the_harness_step(monkeypatch):
     plain = MemoryFeatures(tiled_loss_chunk=None, tiled_mlp_chunks=None, tiled_norm_chunk=None)
     setup = Setup("tiny", "sft", gpus=2, sp=2, zero=3, offload=frozenset({"optimizer", "param"}), features=plain,
                   sp_method="ulysses")
-    trace = TRACERS["ms-swift-ulysses"](setup, 1024)
+    trace = TRACERS["ms-swift-ulysses"].trace(setup, 1024)
     assert trace["tokens"] == 512 and trace["state_free_peak_gib"] > 0
     assert len(calls) == 2 * (2 + 3)  # forward and checkpoint recompute, 2- and 3-layer traces

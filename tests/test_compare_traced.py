@@ -41,7 +41,7 @@ def test_traced_row_bisects_on_composed_peaks(monkeypatch):
         return {"state_free_peak_gib": gib, "attention_state_free_peak_gib": gib, "host_peak_gib": 0.0,
                 "state_free_where": "backward, m.layers.31.self_attn: op", "trace_s": 0.5, "layers": 32}
 
-    monkeypatch.setitem(traced.TRACERS, "deepspeed-alst", step)
+    monkeypatch.setitem(traced.TRACERS, "deepspeed-alst", traced.Tracer(step))
     row = traced.traced_row("deepspeed-alst", log=lambda m: None)
     from spbench.compare.estimate import memory_features, setup_of
     from spbench.memory.traced import composed_peak

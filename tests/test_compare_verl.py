@@ -55,6 +55,6 @@ def test_verl_all_to_alls_are_traced_in_the_harness_step(monkeypatch):
     plain = MemoryFeatures(tiled_loss_chunk=None, tiled_mlp_chunks=None, tiled_norm_chunk=None)
     setup = Setup("tiny", "sft", gpus=2, sp=2, zero=3, offload=frozenset({"optimizer", "param"}), features=plain,
                   sp_method="ulysses")
-    trace = TRACERS["verl-ulysses-sdpa"](setup, 1024)
+    trace = TRACERS["verl-ulysses-sdpa"].trace(setup, 1024)
     assert trace["tokens"] == 512 and trace["state_free_peak_gib"] > 0
     assert len(calls) == 3 * 2 * (2 + 3)  # q, k, v; forward and recompute; 2- and 3-layer traces

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..common.units import GiB
 from ..memory.setup import usable_bytes
@@ -20,6 +22,18 @@ from .estimate import base_name, memory_features, setup_of
 
 RESOLUTION = 16384
 """Tokens per sequence between the last fitting and the first failing probe (8 probes or so per implementation)."""
+
+TRACED_ON_CPU = "traced on CPU (fake tensors; ZeRO's static terms from the memory model)"
+
+
+@dataclass(frozen=True)
+class Tracer:
+    trace: Callable[..., dict]
+    """(setup, length) → memory/trace.py's state-free fields of the implementation's step at that length."""
+    package: str | None = None
+    """The package the trace imports (installed in the implementation's own venv); None: always here."""
+    source: str = TRACED_ON_CPU
+    """What was traced, for the report's "traced in" column."""
 
 
 def _spbench_trace(setup, length: int) -> dict:
@@ -35,7 +49,7 @@ def _alst_trace(setup, length: int) -> dict:
     return alst_extrapolated(setup.model, length, setup.sp)
 
 
-def _attention_trace(package: str, rank_setup: str):
+def _attention_trace(package: str, rank_setup: str) -> Tracer:
     """The harness's step with an adapter's attention swapped in (`rank_setup`: the name of its rank setup in
     compare/<package>.py), traced as the runtime's is; needs `package` installed (its own venv)."""
 
@@ -51,23 +65,22 @@ def _attention_trace(package: str, rank_setup: str):
         return extrapolated(lambda d: traced_peak(spec, 0, layers=d, setup=use),
                             model_config(setup.model).num_hidden_layers)
 
-    trace.package = package
-    trace.source = (f"its attention traced in the harness's step on CPU (fake tensors; {package}'s own trainer not "
-                    f"run; ZeRO's static terms from the memory model)")
-    return trace
+    return Tracer(trace, package, f"its attention traced in the harness's step on CPU (fake tensors; {package}'s "
+                                  f"own trainer not run; ZeRO's static terms from the memory model)")
 
-TRACERS = {"spbench": _spbench_trace, "deepspeed-alst": _alst_trace,
+
+TRACERS = {"spbench": Tracer(_spbench_trace), "deepspeed-alst": Tracer(_alst_trace),
            "ms-swift-ulysses": _attention_trace("swift", "use_swift_attention"),
            "verl-ulysses-sdpa": _attention_trace("verl", "use_verl_all_to_all_sdpa")}
-"""Implementation (base name) → its step traced at a length: memory/trace.py's state-free fields. ms-swift's and
+"""Implementation (base name) → how its step is traced at a length. ms-swift's and
 verl's own trainers do not run here: their attention is traced inside the harness's step with their memory.toml
 features (transformers' modules, untiled loss), as their parity verdicts run."""
 
 
 def traceable_here(impl: str) -> bool:
     """Whether `impl`'s step can be traced in this venv (its package installed)."""
-    package = getattr(TRACERS.get(impl), "package", None)
-    return impl in TRACERS and (package is None or importlib.util.find_spec(package) is not None)
+    tracer = TRACERS.get(impl)
+    return tracer is not None and (tracer.package is None or importlib.util.find_spec(tracer.package) is not None)
 
 
 def traced_row(impl: str, log=print) -> dict:
@@ -80,11 +93,11 @@ def traced_row(impl: str, log=print) -> dict:
     from .estimate import features_cell
 
     entry = {**memory_features()[impl], "checkpoint_offload": False}
-    setup, trace = setup_of(entry), TRACERS[impl]
+    setup, tracer = setup_of(entry), TRACERS[impl]
     usable = usable_bytes(setup.gpu_mem_gib) / GiB
 
     def probe(length: int) -> dict:
-        r = composed_peak(setup, length, trace(setup, length))
+        r = composed_peak(setup, length, tracer.trace(setup, length))
         log(f"compare: {impl} traced at {length:,}: {r['traced_gib']:.1f} GiB (usable {usable:.1f})")
         return {**r, "status": "ok" if r["fits"] else "exceeds"}
 
@@ -96,7 +109,7 @@ def traced_row(impl: str, log=print) -> dict:
             "error": best.get("error"), "peak_phase": best.get("peak_phase"),
             "layers_traced": depth_label(best["trace"]) if best else None, "probes": len(outcome.probes),
             "trace_s": round(sum(p["trace_s"] for p in outcome.probes), 1), "resolution": RESOLUTION,
-            "source": getattr(trace, "source", "traced on CPU (fake tensors; ZeRO's static terms from the memory model)")}
+            "source": tracer.source}
 
 
 def traced_rows(impls, carried: dict | None = None, only: set[str] | None = None) -> dict[str, dict]:
