@@ -26,8 +26,8 @@ from ..common.schemas import COST
 from .flops import AttentionTally, attention_balance, counting_kernel, ideal_flops
 from .setup import Setup, shape_of
 from .step import fake_step
-from .trace import peak_record, traced_step
-from .traced import composed_peak, peak_ranks, spec_for, traced_setup_peak
+from .trace import peak_record, traced_peak, traced_step
+from .traced import peak_over_ranks, spec_for
 
 KERNEL = {"attention_kernel": "cpu-flash-split"}  # = cpu-flash on unpacked rows; no masks, so pairs are counted
 
@@ -42,9 +42,9 @@ def step_cost(setup: Setup, length: int, balance: bool = True) -> dict:
         tracker, metrics = traced_step(trainer, micro_batches, count_flops=True)
         chunk = trainer.cfg.tiled_loss_chunk
     tokens = metrics["rank_tokens"]
-    memory = {**composed_peak(setup, length, {**peak_record(spec, 0, tracker, tokens), "trace_s": 0.0}), "rank": 0}
-    if len(peak_ranks(setup)) > 1:  # blockwise attention: the ring's last place can peak higher (memory/traced.py)
-        memory = max(memory, traced_setup_peak(setup, length, rank=setup.sp - 1), key=lambda r: r["traced_gib"])
+    counted = {**peak_record(spec, 0, tracker, tokens), "trace_s": 0.0}
+    # blockwise attention: the ring's last place can peak higher, traced beside this run (memory/traced.py)
+    memory = peak_over_ranks(setup, length, lambda r: counted if r == 0 else traced_peak(spec, r))
     ideal = ideal_flops(spec, chunk is not None and tokens > chunk)
     matmul = int(tracker.flops)
     m = shape_of(setup.model)

@@ -30,6 +30,8 @@ LoRA: the base model is fake, its adapters (r-wide) real tensors (runtime/lora.p
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..common.units import GiB
 from .attnterms import blockwise
 from .depth import TRACE_DEPTHS, extrapolated_peak
@@ -82,9 +84,15 @@ def traced_setup_peak(setup: Setup, length: int, rank: int | None = None, depth:
         raise ValueError(f"depth {depth!r}: use one of {', '.join(TRACE_DEPTHS)}")
     spec = spec_for(setup, length)
     zero = from_model(setup)[0] != "workspace"
-    ranks = peak_ranks(setup) if rank is None else (rank,)
-    peaks = {r: composed_peak(setup, length, extrapolated_peak(spec, r) if zero and depth == "extrapolated"
-                              else traced_peak(spec, r)) for r in ranks}
+    return peak_over_ranks(setup, length, lambda r: extrapolated_peak(spec, r) if zero and depth == "extrapolated"
+                           else traced_peak(spec, r), None if rank is None else (rank,))
+
+
+def peak_over_ranks(setup: Setup, length: int, trace_of: Callable[[int], dict],
+                    ranks: tuple[int, ...] | None = None) -> dict:
+    """`composed_peak` of the SP rank that peaks among `ranks` (default `peak_ranks(setup)`), with "rank" (whose)
+    and "trace_s" (every rank's traces); `trace_of(rank)`: memory/trace.py's dict of that rank's step."""
+    peaks = {r: composed_peak(setup, length, trace_of(r)) for r in ranks or peak_ranks(setup)}
     top = max(peaks, key=lambda r: peaks[r]["traced_gib"])
     return {**peaks[top], "rank": top, "trace_s": sum(p["trace_s"] for p in peaks.values())}
 
