@@ -114,6 +114,7 @@ def test_trace_check_resumes_rows_already_traced(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     first = json.loads((tmp_path / "maxlen.json").read_text())["rows"][0]
     assert first["traced_gib"] > 0
+    assert f"SP rank 0 traced at {first['max_len']:,}: " in capsys.readouterr().err  # progress as each rank ends
 
     def must_not_trace(*a, **k):
         raise AssertionError("traced again")

@@ -155,6 +155,10 @@ def _measure_or_estimate(t: Target, how: str | None, gpus_here: int, resolution:
     return measured_row(t, outcome, resolution, how)
 
 
+def _progress(line: str) -> None:
+    print(f"maxlen:   {line}", file=sys.stderr, flush=True)
+
+
 def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool, depth: str) -> dict:
     """A traced row (memory/traced.py): "search" brackets and bisects on traced peaks as a GPU search does on
     measured ones; "check" traces the estimated row once, at the model's max length. `depth`: memory/depth.py."""
@@ -168,11 +172,11 @@ def _trace(t: Target, how: str, resolution: int, log: ProbeLog, resume: bool, de
             return done
         print(f"maxlen: tracing {t.setup.model} {t.setup.stage} {t.variant} at {row['max_len']:,} ...", file=sys.stderr,
               flush=True)
-        checked = check_row(row, t.setup, depth)
+        checked = check_row(row, t.setup, depth, progress=_progress)
         log.append({"schema": MAXLEN_PROBE, "case": t.key(), "variant": t.variant, "depth": depth,
                     "checked_row": checked})
         return checked
-    probe = TraceProbe(t.setup, depth)
+    probe = TraceProbe(t.setup, depth, progress=_progress)
     try:
         probe.check()
     except NotTraceable as e:

@@ -72,27 +72,33 @@ def peak_ranks(setup: Setup) -> tuple[int, ...]:
     return (0, setup.sp - 1) if blockwise(setup) else (0,)
 
 
-def traced_setup_peak(setup: Setup, length: int, rank: int | None = None, depth: str = "full") -> dict:
+def traced_setup_peak(setup: Setup, length: int, rank: int | None = None, depth: str = "full",
+                      progress: Callable[[str], None] | None = None) -> dict:
     """The traced device peak of `setup` at `length` (module doc; `depth`: "extrapolated" or "full") beside the
     model's prediction.
 
     Returns {"length", "traced_gib", "model_gib", "error" (model / traced − 1), "fits" (traced ≤ the GPU's usable
     memory), "from_model" (model terms added), "peak_phase", "host_gib" (offloaded checkpoints, traced),
     "depth" (the layers traced: "28" or "2,3→28"), "rank" (the SP rank that peaks), "trace_s" (every rank's
-    traces), "trace" (memory/trace.py's dict)}. `rank`: trace that SP rank only (default `peak_ranks`)."""
+    traces), "trace" (memory/trace.py's dict)}. `rank`: trace that SP rank only (default `peak_ranks`);
+    `progress(line)`: told as each rank's trace ends (a 0.5B trace at 20M tokens takes half an hour)."""
     if depth not in TRACE_DEPTHS:
         raise ValueError(f"depth {depth!r}: use one of {', '.join(TRACE_DEPTHS)}")
     spec = spec_for(setup, length)
     zero = from_model(setup)[0] != "workspace"
     return peak_over_ranks(setup, length, lambda r: extrapolated_peak(spec, r) if zero and depth == "extrapolated"
-                           else traced_peak(spec, r), None if rank is None else (rank,))
+                           else traced_peak(spec, r), None if rank is None else (rank,), progress)
 
 
 def peak_over_ranks(setup: Setup, length: int, trace_of: Callable[[int], dict],
-                    ranks: tuple[int, ...] | None = None) -> dict:
+                    ranks: tuple[int, ...] | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """`composed_peak` of the SP rank that peaks among `ranks` (default `peak_ranks(setup)`), with "rank" (whose)
     and "trace_s" (every rank's traces); `trace_of(rank)`: memory/trace.py's dict of that rank's step."""
-    peaks = {r: composed_peak(setup, length, trace_of(r)) for r in ranks or peak_ranks(setup)}
+    peaks = {}
+    for r in ranks or peak_ranks(setup):
+        peaks[r] = composed_peak(setup, length, trace_of(r))
+        if progress:
+            progress(f"SP rank {r} traced at {length:,}: {peaks[r]['traced_gib']:.2f} GiB in {peaks[r]['trace_s']:.0f} s")
     top = max(peaks, key=lambda r: peaks[r]["traced_gib"])
     return {**peaks[top], "rank": top, "trace_s": sum(p["trace_s"] for p in peaks.values())}
 
@@ -131,8 +137,8 @@ class TraceProbe:
     """A `search_max_len` probe (memory/search.py) that traces instead of running on a GPU: "ok" when the traced
     peak fits the setup's GPU, else "exceeds"; never raises for a length (a trace error is an "error" probe)."""
 
-    def __init__(self, setup: Setup, depth: str = "full") -> None:
-        self.setup, self.depth = setup, depth
+    def __init__(self, setup: Setup, depth: str = "full", progress: Callable[[str], None] | None = None) -> None:
+        self.setup, self.depth, self.progress = setup, depth, progress
 
     def check(self) -> None:
         """Raise NotTraceable (why) if this setup cannot be traced, before any probe runs."""
@@ -140,7 +146,7 @@ class TraceProbe:
 
     def __call__(self, length: int) -> dict:
         try:
-            r = traced_setup_peak(self.setup, length, depth=self.depth)
+            r = traced_setup_peak(self.setup, length, depth=self.depth, progress=self.progress)
         except Exception as e:  # noqa: BLE001 — a failed trace is a failed probe, with its reason
             return {"status": "error", "error": f"{type(e).__name__}: {e}"}
         usable = usable_bytes(self.setup.gpu_mem_gib) / GiB
@@ -150,13 +156,13 @@ class TraceProbe:
                 **({} if r["fits"] else {"error": f"traced peak {r['traced_gib']:.1f} GiB > usable {usable:.1f} GiB"})}
 
 
-def check_row(row: dict, setup: Setup, depth: str = "full") -> dict:
+def check_row(row: dict, setup: Setup, depth: str = "full", progress: Callable[[str], None] | None = None) -> dict:
     """`row` (an estimated maxlen row) with the trace at its max length beside the model: traced_gib, trace_error
     (model / traced − 1), traced_phase, from_model, trace_depth, trace_s; or trace_skipped (why not)."""
     if not row["max_len"]:
         return {**row, "trace_skipped": "nothing fits: no length to trace"}
     try:
-        r = traced_setup_peak(setup, row["max_len"], depth=depth)
+        r = traced_setup_peak(setup, row["max_len"], depth=depth, progress=progress)
     except NotTraceable as e:
         return {**row, "trace_skipped": str(e)}
     return {**row, "traced_gib": r["traced_gib"], "trace_error": r["error"], "traced_phase": r["peak_phase"],
