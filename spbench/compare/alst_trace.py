@@ -26,8 +26,6 @@ import torch
 from runtime.memory import DEFAULT_LOSS_CHUNK, mlp_chunks_for
 from runtime.models import build_model
 
-from ..common.units import GiB
-
 
 def _traceable_loss():
     """ALST's TiledFusedLogitsLoss with a backward that reads no tensor value (module doc)."""
@@ -80,7 +78,7 @@ def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from ..memory.step import fake_rank
-    from ..memory.trace import _tracker_class
+    from ..memory.trace import peak_tracker, state_free_fields
     from .alst_engine import _release_alst, use_alst_tiled_mlp
 
     t0, n = time.perf_counter(), length // sp
@@ -97,17 +95,13 @@ def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
                 model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp,
                 micro_batch_size=1, seq_length=length, seq_length_is_variable=False)
             try:
-                tracker = _tracker_class()(lambda: 0)
+                tracker = peak_tracker()
                 tracker.track_external(model)
                 with tracker, _causal_sdpa_without_mask():
                     _step(model, ids, positions, labels)
             finally:
                 _release_alst(mpu, None, sdpa_attention_forward)
-    return {"layers": layers, "tokens": n, "state_free_peak_gib": tracker.state_free_peak / GiB,
-            "state_free_where": tracker.state_free_where,
-            "phase_state_free_peak_gib": {k: v / GiB for k, v in tracker.phase_state_free_peaks.items()},
-            "attention_state_free_peak_gib": tracker.attention_state_free_peak / GiB, "host_peak_gib": 0.0,
-            "attention_ops": sorted(tracker.attention_ops), "trace_s": time.perf_counter() - t0}
+    return {"layers": layers, "tokens": n, **state_free_fields(tracker), "trace_s": time.perf_counter() - t0}
 
 
 def alst_extrapolated(model_name: str, length: int, sp: int, layers: int | None = None) -> dict:

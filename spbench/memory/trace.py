@@ -63,7 +63,9 @@ def available() -> str | None:
     return None
 
 
-def _tracker_class():
+def peak_tracker(host_bytes=lambda: 0, count_flops: bool = False):
+    """A MemTracker keeping the peaks of one step (module doc); `host_bytes()`: how much of the CPU total is host
+    memory (checkpoint offload's copies); `count_flops`: also add up flop_counter's FLOPs of every op (`.flops`)."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
     from torch.utils.flop_counter import flop_registry
 
@@ -117,7 +119,7 @@ def _tracker_class():
                 self.flops += count(*args, **(kwargs or {}), out_val=out)
             return out
 
-    return PeakTracker
+    return PeakTracker(host_bytes, count_flops)
 
 
 def _no_grad_mod_tracker():
@@ -207,7 +209,7 @@ def traced_step(trainer, micro_batches, count_flops: bool = False) -> tuple:
     metrics). `count_flops`: the tracker also adds up `torch.utils.flop_counter`'s FLOPs of every op (`.flops`:
     the matmuls; no formula for the CPU attention op)."""
     frozen = [trainer.ref_model] if trainer.ref_model is not None else []
-    tracker = _tracker_class()(_host_bytes(trainer), count_flops)
+    tracker = peak_tracker(_host_bytes(trainer), count_flops)
     tracker.track_external(trainer.model, trainer.optimizer, *frozen)
     with tracker:
         metrics = trainer.step(0, micro_batches=micro_batches, read_back=False)
@@ -221,14 +223,21 @@ def peak_record(spec: StepSpec, rank: int, tracker, tokens: int) -> dict:
     return {
         "schema": SCHEMA, "model": spec.model, "stage": spec.stage, "length": spec.length, "tokens": tokens,
         "sp": spec.sp, "method": spec.method, "rank": rank, "dtype": spec.dtype, "features": spec.features.to_json(),
-        "peak_bytes": int(tracker.peak), "peak_gib": tracker.peak / GiB,
-        "state_free_peak_gib": tracker.state_free_peak / GiB, "state_free_where": tracker.state_free_where,
-        "attention_peak_gib": tracker.attention_peak / GiB,
-        "attention_state_free_peak_gib": tracker.attention_state_free_peak / GiB,
-        "host_peak_gib": tracker.host_peak / GiB, "peak_phase": tracker.peak_phase, "peak_where": tracker.peak_where,
+        "peak_bytes": int(tracker.peak), "peak_gib": tracker.peak / GiB, "peak_phase": tracker.peak_phase,
+        "peak_where": tracker.peak_where, "attention_peak_gib": tracker.attention_peak / GiB,
         "phase_peak_gib": {k: v / GiB for k, v in tracker.phase_peaks.items()}, "by_category_gib": by_cat,
+        **state_free_fields(tracker),
+    }
+
+
+def state_free_fields(tracker) -> dict:
+    """The peaks of a tracker's step less parameters, gradients and optimizer states, and the host peak: what
+    memory/traced.py composes with ZeRO's static terms (and memory/depth.py extrapolates)."""
+    return {
+        "state_free_peak_gib": tracker.state_free_peak / GiB, "state_free_where": tracker.state_free_where,
         "phase_state_free_peak_gib": {k: v / GiB for k, v in tracker.phase_state_free_peaks.items()},
-        "attention_ops": sorted(tracker.attention_ops),
+        "attention_state_free_peak_gib": tracker.attention_state_free_peak / GiB,
+        "host_peak_gib": tracker.host_peak / GiB, "attention_ops": sorted(tracker.attention_ops),
     }
 
 
