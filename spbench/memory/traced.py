@@ -124,8 +124,12 @@ def composed_peak(setup: Setup, length: int, trace: dict) -> dict:
         static = sum(pred["terms"][t] for t in ZERO_STATIC_TERMS)
         free = max(trace["state_free_peak_gib"], trace["attention_state_free_peak_gib"] + kernel)
         traced = max(static + free, pred["phases"]["step"])
-        phase = ("step (model)" if traced > static + free else "backward (attention)"
-                 if free > trace["state_free_peak_gib"] else trace["state_free_where"].split(", ")[0])
+        if traced > static + free:  # the optimizer step, with ZeRO's partitions: the model's phase
+            phase = "step (model)"
+        elif free > trace["state_free_peak_gib"]:  # the CUDA kernel's bytes at an attention backward call
+            phase = "backward (attention)"
+        else:
+            phase = trace["state_free_where"].split(", ")[0]
     return {"length": length, "traced_gib": traced, "model_gib": pred["total_gib"],
             "error": pred["total_gib"] / traced - 1, "fits": traced * GiB <= usable_bytes(setup.gpu_mem_gib),
             "from_model": list(terms), "peak_phase": phase, "model_phase": pred["phase"],
