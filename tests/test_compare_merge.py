@@ -57,10 +57,25 @@ def test_merge_keeps_each_runs_provenance_and_renames_a_later_spbench(runs):
         assert text in md
 
 
-def test_merge_refuses_what_it_cannot_keep_apart(runs):
+def test_a_merged_document_merges_again_as_the_runs_it_holds(runs):
+    """A report merged again (a run added, traces re-made) without the runs' files: the same document back, with
+    the traced rows of each run's venv kept and the ones its merge traced itself dropped."""
+    runs[1][2]["maxlen_traced"] = {"ms-swift-ulysses": {"max_len": 327680}}
     doc = merge(runs, {})
-    with pytest.raises(UsageError, match="not a single `spbench compare` run document"):
-        merge([("m", "merged.json", doc)], {})
+    doc["maxlen_traced"]["spbench"] = {"max_len": 1671168}  # as the merge's own --trace-memory adds it: no "run"
+    again = merge([("compare", "reports/compare/compare.json", doc)], {})
+    assert again["maxlen_traced"] == {"ms-swift-ulysses": {"max_len": 327680, "run": 1}}
+    del doc["maxlen_traced"], again["maxlen_traced"]
+    assert again == doc
+    extra = _doc("probes", "5.24.0", "spbench compare --suite probes", {"spbench": {}}, [_row("spbench", "c")])
+    grown = merge([("compare", "c.json", doc), ("main", "p.json", extra)], {})
+    assert [r["label"] for r in grown["runs"]] == ["main", "swift", "main"]
+    assert grown["rows"][-1] == {**_row("spbench", "c"), "suite": "probes", "run": 2}
+
+
+def test_merge_refuses_what_it_cannot_keep_apart(runs):
+    with pytest.raises(UsageError, match="not a `spbench compare` document"):
+        merge([("m", "other.json", {**runs[0][2], "schema": "spbench.other/1"})], {})
     label, path, swift = runs[1]
     with pytest.raises(UsageError, match="give this run another label"):
         merge(runs + [(label, "again.json", swift)], {})

@@ -21,6 +21,7 @@ EPILOG = """examples:
   spbench compare --impl spbench --case sft-ulysses-sp2,packed-sft-zigzag-sp4
   spbench compare --merge main=out/ci/compare.json swift=out/swift/compare.json --out reports/compare
   spbench compare --merge main=out/ci/compare.json --trace-memory --out reports/compare   # + traced max lengths
+  spbench compare --merge reports/compare/compare.json --trace-memory --out reports/compare   # merge a report again
 """
 
 
@@ -33,11 +34,12 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds before a case's ranks are killed")
     p.add_argument("--merge", nargs="+", metavar="[LABEL=]compare.json",
                    help="merge these runs' documents into one (in order; LABEL names a run, default its folder) "
-                        "instead of running anything")
+                        "instead of running anything; a merged document counts as the runs it holds")
     p.add_argument("--trace-memory", nargs="?", const="all", metavar="IMPL,...",
                    help="also trace the max length on 8 x 80 GB of each implementation (or the ones named) whose step "
-                        "runs on fake tensors (spbench, deepspeed-alst; ms-swift, verl in their venvs, a merge carries "
-                        "their rows; no checkpoint offload; minutes each: compare/traced.py)")
+                        "runs on fake tensors (spbench, deepspeed-alst, deepspeed-alst-attention, hf-accelerate-sp; "
+                        "ms-swift, verl in their venvs, a merge carries their rows; no checkpoint offload; minutes "
+                        "each: compare/traced.py)")
     p.add_argument("--baseline-out", metavar="FILE", help="also write the verdicts alone (rows without metrics) "
                    "as a `spbench gate` baseline, e.g. spbench/suites/golden/compare.json")
 

@@ -14,6 +14,11 @@ static terms (parameters, gradients, optimizer states, workspace) come from the 
 offload (CheckpointHiddenStatesOffload) is not wired (on fake CPU tensors a host copy is not told apart), so the
 traced setup is the entry's without it. The step is traced at 2 and 3 decoder layers and extrapolated
 (spbench/memory/depth.py).
+
+`tiled=False` is ALST's attention in an otherwise plain transformers step — the step Hugging Face's Trainer runs
+under accelerate's ParallelismConfig(sp_backend="deepspeed") (transformers' deepspeed_sp_compute_loss: the model's
+own causal-LM loss over the pre-shifted `shift_labels`, full-vocabulary logits upcast to float32, no TiledMLP), and
+the compare entry deepspeed-alst-attention's.
 """
 from __future__ import annotations
 
@@ -54,9 +59,13 @@ def _causal_sdpa_without_mask():
         AttentionMaskInterface.register("sdpa", saved)
 
 
-def _step(model, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> None:
+def _step(model, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, tiled: bool) -> None:
     """One forward and backward of a shard (`ids`, `positions`, `labels`: [1, n] real tensors, so that transformers'
-    mask code reads position_ids as a GPU run does): hidden states, ALST's tiled logits loss, backward."""
+    mask code reads position_ids as a GPU run does): hidden states, ALST's tiled logits loss (`tiled`; else the
+    model's own loss, as HF's Trainer calls it under SP), backward."""
+    if not tiled:
+        model(input_ids=ids, position_ids=positions, labels=labels, shift_labels=labels).loss.backward()
+        return
     n = ids.shape[1]
     hidden = model.base_model(input_ids=ids, position_ids=positions).last_hidden_state
     head = model.get_output_embeddings()
@@ -68,9 +77,9 @@ def _step(model, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tenso
     _traceable_loss().apply(loss_fn, head, hidden, labels, None, pieces, [head.weight], "sum").backward()
 
 
-def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
-    """memory/trace.py's state-free fields for ALST's step (module doc) at `length` tokens, SP `sp`, `layers`
-    decoder layers, on SP rank 0: {"layers", "tokens", "state_free_peak_gib", "state_free_where",
+def alst_trace(model_name: str, length: int, sp: int, layers: int, tiled: bool = True) -> dict:
+    """memory/trace.py's state-free fields for ALST's step (module doc; `tiled=False`: its attention in a plain
+    transformers step) at `length` tokens, SP `sp`, `layers` decoder layers, on SP rank 0: {"layers", "tokens", "state_free_peak_gib", "state_free_where",
     "phase_state_free_peak_gib", "attention_state_free_peak_gib", "host_peak_gib" (0), "attention_ops", "trace_s"}."""
     import deepspeed
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -90,7 +99,8 @@ def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
             model = build_model(model_name, torch.bfloat16, "sdpa", num_layers=layers)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
-            use_alst_tiled_mlp(model, mlp_chunks_for(n, model.config.hidden_size))
+            if tiled:
+                use_alst_tiled_mlp(model, mlp_chunks_for(n, model.config.hidden_size))
             mpu = UlyssesSPAttentionHF.register_with_transformers(
                 model_name_or_path=model, core_attn_implementation="sdpa", sequence_parallel_size=sp,
                 micro_batch_size=1, seq_length=length, seq_length_is_variable=False)
@@ -98,18 +108,18 @@ def alst_trace(model_name: str, length: int, sp: int, layers: int) -> dict:
                 tracker = peak_tracker()
                 tracker.track_external(model)
                 with tracker, _causal_sdpa_without_mask():
-                    _step(model, ids, positions, labels)
+                    _step(model, ids, positions, labels, tiled)
             finally:
                 _release_alst(mpu, None, sdpa_attention_forward)
     return {"layers": layers, "tokens": n, **state_free_fields(tracker), "trace_s": time.perf_counter() - t0}
 
 
-def alst_extrapolated(model_name: str, length: int, sp: int, layers: int | None = None) -> dict:
+def alst_extrapolated(model_name: str, length: int, sp: int, layers: int | None = None, tiled: bool = True) -> dict:
     """`alst_trace` at `layers` decoder layers (default the model's): traced at 2 and 3 layers, extrapolated
     (spbench/memory/depth.py)."""
     from runtime.models import model_config
 
     from ..memory.depth import extrapolated
 
-    return extrapolated(lambda d: alst_trace(model_name, length, sp, d),
+    return extrapolated(lambda d: alst_trace(model_name, length, sp, d, tiled),
                         layers or model_config(model_name).num_hidden_layers)

@@ -8,6 +8,11 @@ for a timing reference in that run), is renamed `name@label`, so every (implemen
 
     runs main (ci: spbench, deepspeed-alst), swift (ci: spbench, ms-swift-ulysses)
     → implementations spbench, deepspeed-alst, spbench@swift, ms-swift-ulysses
+
+A merged document given as an input is taken apart into the runs it holds (`runs_of_merged`), each with its own
+label, file, provenance, rows and the traced rows of its venv, so a report can be merged again (a new run added,
+or traces re-made) without the runs' original files; the traced rows its merge made itself are dropped (trace
+them again with --trace-memory).
 """
 from __future__ import annotations
 
@@ -36,10 +41,10 @@ def merge(inputs: list[tuple[str, str, dict]], prov: dict) -> dict:
     covered: set[tuple[str, str]] = set()  # (implementation key, suite) pairs already taken
     rows: list[dict] = []
     traced: dict[str, dict] = {}
+    inputs = [run for label, path, doc in inputs for run in runs_of_merged(label, path, doc)]
     for index, (label, path, doc) in enumerate(inputs):
-        if doc.get("schema") != COMPARE or "runs" in doc:
-            raise UsageError(f"--merge {path}: not a single `spbench compare` run document (schema {COMPARE}, no "
-                             f"'runs'); merge the runs' own compare.json files")
+        if doc.get("schema") != COMPARE:
+            raise UsageError(f"--merge {path}: not a `spbench compare` document (schema {COMPARE})")
         suite, names = doc["suite"], {}
         for name, info in doc["implementations"].items():
             key = _key(name, label, suite, info, impls, covered, path)
@@ -54,6 +59,25 @@ def merge(inputs: list[tuple[str, str, dict]], prov: dict) -> dict:
     suites = list(dict.fromkeys(run["suite"] for run in runs))
     return {"schema": COMPARE, "suite": "+".join(suites), "provenance": prov, "runs": runs,
             "implementations": impls, "rows": rows, **({"maxlen_traced": traced} if traced else {})}
+
+
+def runs_of_merged(label: str, path: str, doc: dict) -> list[tuple[str, str, dict]]:
+    """(label, file, run document) of every run a merged document holds (module doc); a run document as it is."""
+    if "runs" not in doc:
+        return [(label, path, doc)]
+    out = []
+    for index, run in enumerate(doc["runs"]):
+        name = {key: key.removesuffix(f"@{run['label']}") for key in run["implementations"]}
+        rows = [{k: v for k, v in r.items() if k not in ("suite", "run")} | {"impl": name[r["impl"]]}
+                for r in doc["rows"] if r["run"] == index]
+        traced = {impl: {k: v for k, v in row.items() if k != "run"}
+                  for impl, row in (doc.get("maxlen_traced") or {}).items() if row.get("run") == index}
+        out.append((run["label"], run["file"], {
+            "schema": doc["schema"], "suite": run["suite"], "provenance": run["provenance"],
+            "implementations": {name[key]: {k: v for k, v in doc["implementations"][key].items() if k != "runs"}
+                                for key in run["implementations"]},
+            "rows": rows, **({"maxlen_traced": traced} if traced else {})}))
+    return out
 
 
 def _key(name, label, suite, info, impls, covered, path) -> str:

@@ -1,5 +1,7 @@
 """Traced max lengths of the implementations whose training step runs on fake tensors (`spbench compare
---trace-memory`): the runtime's own step (spbench/memory/traced.py) and DeepSpeed ALST's (compare/alst_trace.py).
+--trace-memory`): the runtime's own step (spbench/memory/traced.py) and DeepSpeed ALST's (compare/alst_trace.py:
+tiled for deepspeed-alst; its attention in a plain transformers step for deepspeed-alst-attention and for HF's
+Trainer path, hf-accelerate-sp, whose loss is the model's own under SP).
 
 ms-swift's and verl's attention are traced in the harness's step (TRACERS), in their own venvs: a merge carries
 their rows from the input runs. Each implementation's compare/memory.toml setup, WITHOUT checkpoint offload (ALST's offload is not traced:
@@ -49,6 +51,16 @@ def _alst_trace(setup, length: int) -> dict:
     return alst_extrapolated(setup.model, length, setup.sp)
 
 
+def _alst_attention_trace(setup, length: int) -> dict:
+    from .alst_trace import alst_extrapolated
+
+    return alst_extrapolated(setup.model, length, setup.sp, tiled=False)
+
+
+ALST_PLAIN = ("ALST's attention in transformers' model with its own loss, as HF's Trainer runs it under SP "
+              "(compare/alst_trace.py tiled=False; on CPU, fake tensors; ZeRO's static terms from the memory model)")
+
+
 def _attention_trace(package: str, rank_setup: str) -> Tracer:
     """The harness's step with an adapter's attention swapped in (`rank_setup`: the name of its rank setup in
     compare/<package>.py), traced as the runtime's is; needs `package` installed (its own venv)."""
@@ -70,6 +82,8 @@ def _attention_trace(package: str, rank_setup: str) -> Tracer:
 
 
 TRACERS = {"spbench": Tracer(_spbench_trace), "deepspeed-alst": Tracer(_alst_trace),
+           "deepspeed-alst-attention": Tracer(_alst_attention_trace, source=ALST_PLAIN),
+           "hf-accelerate-sp": Tracer(_alst_attention_trace, source=ALST_PLAIN),
            "ms-swift-ulysses": _attention_trace("swift", "use_swift_attention"),
            "verl-ulysses-sdpa": _attention_trace("verl", "use_verl_all_to_all_sdpa")}
 """Implementation (base name) → how its step is traced at a length. ms-swift's and
