@@ -38,6 +38,7 @@ def test_committed_report_has_every_run_and_full_rows():
     for name in ("deepspeed-alst", "deepspeed-alst-attention", "verl-ulysses-sdpa", "ms-swift-ulysses"):
         assert ran[name] and report["maxlen_estimates"][name]["max_len"] > 0, name
     assert all(r["cause"] for r in report["rows"] if r["verdict"] != "pass")  # every refused/wrong names its cause
-    traced = report["maxlen_traced"]  # beside the estimates, traced max lengths: ALST and implementations of 2 venvs
-    for name in ("spbench", "deepspeed-alst", "ms-swift-ulysses", "verl-ulysses-sdpa"):
+    traced = report["maxlen_traced"]  # beside the estimates, traced max lengths: ALST, HF's path, 2 other venvs'
+    for name in ("spbench", "deepspeed-alst", "deepspeed-alst-attention", "hf-accelerate-sp", "ms-swift-ulysses",
+                 "verl-ulysses-sdpa"):
         assert traced[name]["max_len"] > 0 and abs(traced[name]["error"]) < 0.05, name

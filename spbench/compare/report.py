@@ -163,7 +163,9 @@ def _traced_section(traced: dict) -> list[str]:
              "Each implementation's step traced on fake tensors as SP rank 0 (2 and 3 decoder layers, extrapolated), "
              "with ZeRO's static terms from the memory model; bisected on traced peaks against 75.5 GiB usable "
              f"(resolution {next(iter(traced.values()))['resolution']:,} tokens). spbench's and DeepSpeed ALST's own "
-             "steps; ms-swift's and verl's attention inside the harness's step (their trainers do not run here), "
+             "steps; ALST's attention in transformers' model with its own loss (HF's Trainer path under SP, and "
+             "ALST's attention alone); ms-swift's and verl's attention inside the harness's step (their trainers do "
+             "not run here), "
              "traced in their venvs (`traced in`: the run). The memory model models the runtime's step: its error "
              "on another implementation's is how differently that step holds memory.", "",
              "| implementation | model | memory features | max length (traced) | traced GiB there | model GiB there "
