@@ -79,8 +79,9 @@ def _step(model, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tenso
 
 def alst_trace(model_name: str, length: int, sp: int, layers: int, tiled: bool = True) -> dict:
     """memory/trace.py's state-free fields for ALST's step (module doc; `tiled=False`: its attention in a plain
-    transformers step) at `length` tokens, SP `sp`, `layers` decoder layers, on SP rank 0: {"layers", "tokens", "state_free_peak_gib", "state_free_where",
-    "phase_state_free_peak_gib", "attention_state_free_peak_gib", "host_peak_gib" (0), "attention_ops", "trace_s"}."""
+    transformers step) at `length` tokens, SP `sp`, `layers` decoder layers, on SP rank 0: {"layers", "tokens",
+    "state_free_peak_gib", "state_free_where", "phase_state_free_peak_gib", "attention_state_free_peak_gib",
+    "host_peak_gib" (0), "attention_ops", "trace_s"}."""
     import deepspeed
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -17,6 +17,7 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from ..common.units import GiB
 from ..memory.setup import usable_bytes
@@ -45,20 +46,10 @@ def _spbench_trace(setup, length: int) -> dict:
     return extrapolated_peak(spec_for(setup, length))
 
 
-def _alst_trace(setup, length: int) -> dict:
+def _alst_trace(setup, length: int, tiled: bool = True) -> dict:
     from .alst_trace import alst_extrapolated
 
-    return alst_extrapolated(setup.model, length, setup.sp)
-
-
-def _alst_attention_trace(setup, length: int) -> dict:
-    from .alst_trace import alst_extrapolated
-
-    return alst_extrapolated(setup.model, length, setup.sp, tiled=False)
-
-
-ALST_PLAIN = ("ALST's attention in transformers' model with its own loss, as HF's Trainer runs it under SP "
-              "(compare/alst_trace.py tiled=False; on CPU, fake tensors; ZeRO's static terms from the memory model)")
+    return alst_extrapolated(setup.model, length, setup.sp, tiled=tiled)
 
 
 def _attention_trace(package: str, rank_setup: str) -> Tracer:
@@ -81,9 +72,13 @@ def _attention_trace(package: str, rank_setup: str) -> Tracer:
                                   f"own trainer not run; ZeRO's static terms from the memory model)")
 
 
+_alst_untiled = partial(_alst_trace, tiled=False)
+ALST_PLAIN = ("ALST's attention in transformers' model with its own loss, as HF's Trainer runs it under SP "
+              "(compare/alst_trace.py tiled=False; on CPU, fake tensors; ZeRO's static terms from the memory model)")
+
 TRACERS = {"spbench": Tracer(_spbench_trace), "deepspeed-alst": Tracer(_alst_trace),
-           "deepspeed-alst-attention": Tracer(_alst_attention_trace, source=ALST_PLAIN),
-           "hf-accelerate-sp": Tracer(_alst_attention_trace, source=ALST_PLAIN),
+           "deepspeed-alst-attention": Tracer(_alst_untiled, source=ALST_PLAIN),
+           "hf-accelerate-sp": Tracer(_alst_untiled, source=ALST_PLAIN),
            "ms-swift-ulysses": _attention_trace("swift", "use_swift_attention"),
            "verl-ulysses-sdpa": _attention_trace("verl", "use_verl_all_to_all_sdpa")}
 """Implementation (base name) → how its step is traced at a length. ms-swift's and
