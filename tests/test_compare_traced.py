@@ -130,6 +130,18 @@ def test_trace_memory_traces_only_the_implementations_named(tmp_path, monkeypatc
     assert len(err.splitlines()) == 1
 
 
+def test_one_search_per_traced_step(monkeypatch):
+    """HF's Trainer path and ALST's attention alone trace the same step on the same setup: one search gives both rows
+    (each under its own name); implementations whose steps differ are searched each."""
+    searched = []
+    monkeypatch.setattr(traced, "traceable_here", lambda impl: True)
+    monkeypatch.setattr(traced, "traced_row", lambda impl, log=print: searched.append(impl) or {"impl": impl, "max_len": 7})
+    rows = traced.traced_rows(["hf-accelerate-sp", "deepspeed-alst-attention", "deepspeed-alst", "spbench"])
+    assert sorted(searched) == ["deepspeed-alst", "deepspeed-alst-attention", "spbench"]
+    assert rows["hf-accelerate-sp"] == {"impl": "hf-accelerate-sp", "max_len": 7}
+    assert {name: row["impl"] for name, row in rows.items()} == {name: name for name in rows}
+
+
 def test_the_trace_lets_sdpa_run_causal_without_a_mask_as_a_gpu_does():
     """On fake tensors transformers' SDPA mask function cannot read position_ids and builds the [n × n] mask that a GPU
     run skips for an unpacked row; inside the trace's context it returns None, after it the stock function is back."""

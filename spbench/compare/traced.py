@@ -92,6 +92,11 @@ def traceable_here(impl: str) -> bool:
     return tracer is not None and (tracer.package is None or importlib.util.find_spec(tracer.package) is not None)
 
 
+def traced_step(impl: str) -> tuple:
+    """(Tracer, Setup) of what `impl`'s traced row searches: its memory.toml setup without checkpoint offload."""
+    return TRACERS[impl], setup_of({**memory_features()[impl], "checkpoint_offload": False})
+
+
 def traced_row(impl: str, log=print) -> dict:
     """One implementation's traced max length (module doc): {"impl", "model", "setup" (features), "max_len",
     "estimated_max_len", "traced_gib", "model_gib", "error" (model / traced − 1 at max_len), "peak_phase",
@@ -102,7 +107,7 @@ def traced_row(impl: str, log=print) -> dict:
     from .estimate import features_cell
 
     entry = {**memory_features()[impl], "checkpoint_offload": False}
-    setup, tracer = setup_of(entry), TRACERS[impl]
+    tracer, setup = traced_step(impl)
     usable = usable_bytes(setup.gpu_mem_gib) / GiB
 
     def probe(length: int) -> dict:
@@ -126,5 +131,12 @@ def traced_rows(impls, carried: dict | None = None, only: set[str] | None = None
     be traced in this venv; `carried` (traced rows of the input runs, traced in their own venvs) keeps the rest."""
     bases = {base_name(n) for n in impls}
     here = sorted(b for b in bases if traceable_here(b) and (only is None or b in only))
-    kept = {b: row for b, row in (carried or {}).items() if b in bases and b not in here}
-    return {**kept, **{b: traced_row(b, log=lambda m: print(m, file=sys.stderr, flush=True)) for b in here}}
+    rows = {b: row for b, row in (carried or {}).items() if b in bases and b not in here}
+    searched: list[tuple[tuple, dict]] = []
+    for b in here:
+        # the same tracer on the same setup (HF's Trainer path and ALST's attention alone) is one search, not two
+        step = traced_step(b)
+        twin = next((row for s, row in searched if s == step), None)
+        rows[b] = {**twin, "impl": b} if twin else traced_row(b, log=lambda m: print(m, file=sys.stderr, flush=True))
+        searched.append((step, rows[b]))
+    return rows
