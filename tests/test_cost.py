@@ -3,11 +3,13 @@ against its reference — the model, the ideal, the analytic minimum — and the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from runtime.memory import MemoryFeatures
 from spbench.cli import main
+from spbench.cli.cost import table
 from spbench.memory.cost import step_cost
 from spbench.memory.setup import Setup
 
@@ -42,6 +44,8 @@ def test_ring_memory_is_the_last_ranks():
     r = step_cost(setup, 8192, balance=False)
     first = traced_setup_peak(setup, 8192, rank=0)["traced_gib"]
     assert r["memory"]["rank"] == 3 and r["memory"]["traced_gib"] > first
+    head, _, row = (re.split(r"\s{2,}", line.strip()) for line in table([r]).splitlines())
+    assert dict(zip(head, row))["peak rank"] == "3"
 
 
 def test_qwen7b_1m_tokens_sp8_costs():
