@@ -53,8 +53,12 @@ def test_hf_trainer_path_traces_alst_attention_in_a_plain_step():
 
 def test_traced_row_bisects_on_composed_peaks(monkeypatch):
     """A stand-in step whose state-free peak is 40 GiB per million tokens: the search stops where the composed
-    peak (plus the model's ZeRO terms) crosses the usable memory, within the resolution."""
+    peak (plus the model's ZeRO terms) crosses the usable memory, within the resolution; the step is traced without
+    the checkpoint offload memory.toml gives ALST (module doc: the trace does not tell a host copy apart)."""
+    traced_setups = []
+
     def step(setup, length):
+        traced_setups.append(setup)
         gib = 40 * length / 2**20
         return {"state_free_peak_gib": gib, "attention_state_free_peak_gib": gib, "host_peak_gib": 0.0,
                 "state_free_where": "backward, m.layers.31.self_attn: op", "trace_s": 0.5, "layers": 32}
@@ -68,6 +72,8 @@ def test_traced_row_bisects_on_composed_peaks(monkeypatch):
     assert composed_peak(setup, row["max_len"], step(setup, row["max_len"]))["fits"]
     assert not composed_peak(setup, row["max_len"] + traced.RESOLUTION, step(setup, row["max_len"] + traced.RESOLUTION))["fits"]
     assert row["probes"] >= 3 and row["trace_s"] == 0.5 * row["probes"] and row["error"] is not None
+    assert memory_features()["deepspeed-alst"]["checkpoint_offload"]
+    assert traced_setups and not any(s.features.checkpoint_offload for s in traced_setups)
 
 
 def _minimal_doc() -> dict:

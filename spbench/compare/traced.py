@@ -92,9 +92,14 @@ def traceable_here(impl: str) -> bool:
     return tracer is not None and (tracer.package is None or importlib.util.find_spec(tracer.package) is not None)
 
 
+def traced_entry(impl: str) -> dict:
+    """`impl`'s memory.toml entry as it is traced: without checkpoint offload (module doc)."""
+    return {**memory_features()[impl], "checkpoint_offload": False}
+
+
 def traced_step(impl: str) -> tuple:
-    """(Tracer, Setup) of what `impl`'s traced row searches: its memory.toml setup without checkpoint offload."""
-    return TRACERS[impl], setup_of({**memory_features()[impl], "checkpoint_offload": False})
+    """(Tracer, Setup) of what `impl`'s traced row searches."""
+    return TRACERS[impl], setup_of(traced_entry(impl))
 
 
 def traced_row(impl: str, log=print) -> dict:
@@ -106,8 +111,8 @@ def traced_row(impl: str, log=print) -> dict:
     from ..memory.traced import composed_peak, depth_label
     from .estimate import features_cell
 
-    entry = {**memory_features()[impl], "checkpoint_offload": False}
-    tracer, setup = traced_step(impl)
+    entry = traced_entry(impl)
+    setup, tracer = setup_of(entry), TRACERS[impl]
     usable = usable_bytes(setup.gpu_mem_gib) / GiB
 
     def probe(length: int) -> dict:
